@@ -1,0 +1,45 @@
+"""Batch preprocessing on tensors: random resized crop, flip, normalise.
+
+Done once per batch (not per sample) on whatever device the batch is on, so the
+same code feeds a CPU trial and a GPU one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from autotransfer.backbones import Preprocessing
+from autotransfer.spec import AugmentSpec
+
+
+def normalise(images: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float, scaled to [0, 1] and normalised by mean/std."""
+    mean = torch.tensor(pre.mean, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std, device=images.device).view(1, 3, 1, 1)
+    return (images.float().div_(255.0) - mean) / std
+
+
+def augment(x: torch.Tensor, spec: AugmentSpec, generator: torch.Generator) -> torch.Tensor:
+    """Random resized crop (area in ``spec.crop_scale``, aspect ratio 3/4..4/3)
+    and optional horizontal flip, per sample, as one ``grid_sample`` call."""
+    n = x.shape[0]
+    lo, hi = spec.crop_scale
+    if lo == hi == 1.0 and not spec.flip:
+        return x
+    u = torch.rand((n, 5), generator=generator).to(x.device)
+    area = lo + (hi - lo) * u[:, 0]
+    log_ratio = (u[:, 1] * 2 - 1) * torch.log(torch.tensor(4 / 3))
+    ratio = torch.exp(log_ratio.to(x.device))
+    sx = torch.sqrt(area * ratio).clamp(max=1.0)
+    sy = torch.sqrt(area / ratio).clamp(max=1.0)
+    tx = (1 - sx) * (u[:, 2] * 2 - 1)
+    ty = (1 - sy) * (u[:, 3] * 2 - 1)
+    flip = torch.where((u[:, 4] < 0.5) & spec.flip, -1.0, 1.0)
+    theta = torch.zeros((n, 2, 3), device=x.device, dtype=x.dtype)
+    theta[:, 0, 0] = sx * flip
+    theta[:, 0, 2] = tx
+    theta[:, 1, 1] = sy
+    theta[:, 1, 2] = ty
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)

@@ -1,0 +1,80 @@
+"""The ``autotransfer`` command line (Typer), one module per command.
+
+Errors from the package (:mod:`autotransfer.exceptions`) are translated here,
+once: one line on stderr and the exit code (2 bad input, 1 the work failed);
+``--debug`` (or ``AUTOTRANSFER_DEBUG=1``) shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Any
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from autotransfer.exceptions import AutotransferError
+
+_state = {"debug": False}
+
+
+def debug_enabled() -> bool:
+    return _state["debug"] or os.environ.get("AUTOTRANSFER_DEBUG", "") not in ("", "0")
+
+
+class _Group(TyperGroup):
+    """Translates domain errors into one message line and an exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except AutotransferError as exc:
+            if debug_enabled():
+                raise
+            typer.echo(f"error: {exc}", err=True)
+            raise click.exceptions.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            if debug_enabled():
+                raise
+            typer.echo(
+                "interrupted: finished trials are stored; run the same command to resume",
+                err=True,
+            )
+            raise click.exceptions.Exit(130) from None
+
+
+app = typer.Typer(
+    cls=_Group,
+    name="autotransfer",
+    help="AutoML search over how to fine-tune a pretrained backbone: which backbone, "
+    "how deep to freeze it, the learning rate and the retention weight α in "
+    "L = α·L_pre + (1−α)·L_fine. Results go to stdout, progress to stderr.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.callback()
+def _root(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")
+    ] = False,
+) -> None:
+    _state["debug"] = debug
+
+
+def _register() -> None:
+    from autotransfer.cli import search, trials
+
+    app.command("search")(search.search)
+    app.command("trials")(trials.trials)
+
+
+_register()
+
+
+def main() -> None:
+    app()

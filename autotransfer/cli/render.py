@@ -1,0 +1,70 @@
+"""What commands print on stdout: tables for people, JSON for programs."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import optuna
+from rich.console import Console
+
+from autotransfer.search import SearchOutcome
+from autotransfer.study import test_metrics
+from autotransfer.summary import best_per_backbone, trial_records, trials_table
+
+
+def _stdout() -> Console:
+    return Console(width=None if sys.stdout.isatty() else 160, highlight=False, soft_wrap=False)
+
+
+def _best(study: optuna.Study) -> int | None:
+    try:
+        return study.best_trial.number
+    except ValueError:
+        return None
+
+
+def print_trials(study: optuna.Study, as_json: bool) -> None:
+    rows = trial_records(study)
+    if as_json:
+        out = {"study": study.study_name, "best_trial": _best(study),
+               "test_metrics": test_metrics(study), "trials": rows}
+        sys.stdout.write(json.dumps(out, indent=2, default=str) + "\n")
+        return
+    _stdout().print(trials_table(rows, _best(study), title=f"study {study.study_name}"))
+
+
+def print_search_outcome(outcome: SearchOutcome, as_json: bool) -> None:
+    study, best = outcome.study, outcome.best
+    rows = trial_records(study)
+    per_backbone = best_per_backbone(rows)
+    if as_json:
+        out = {
+            "study": study.study_name,
+            "new_trials": outcome.new_trials,
+            "best_trial": best.number,
+            "best_params": best.params,
+            "val_accuracy": best.value,
+            "val_f1": best.user_attrs.get("val_f1"),
+            "test": outcome.test,
+            "best_val_accuracy_per_backbone": per_backbone,
+            "trials": rows,
+        }
+        sys.stdout.write(json.dumps(out, indent=2, default=str) + "\n")
+        return
+    console = _stdout()
+    console.print(trials_table(rows, best.number, title=f"study {study.study_name}"))
+    p = best.params
+    k, n = best.user_attrs.get("frozen_blocks"), best.user_attrs.get("n_blocks")
+    console.print(
+        f"best: trial {best.number}  {p['backbone']}  freeze {k}/{n}  lr {p['lr']:.2e}  "
+        f"α {p['alpha']:.2f}  batch {p['batch_size']}"
+    )
+    console.print(
+        f"  val_acc {best.value:.3f}  val_f1 {best.user_attrs.get('val_f1', float('nan')):.3f}  "
+        f"test_acc {outcome.test['accuracy']:.3f}  test_f1 {outcome.test['macro_f1']:.3f}  "
+        f"(test n={outcome.test['n']})"
+    )
+    console.print("best val_acc per backbone:")
+    for name, acc in sorted(per_backbone.items(), key=lambda kv: -kv[1]):
+        console.print(f"  {name:<48} {acc:.3f}")

@@ -1,0 +1,80 @@
+"""``autotransfer search``: run or resume a study."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from autotransfer.cli.options import DEFAULT, Storage, StudyName
+
+
+def search(
+    spec: Annotated[
+        Path | None,
+        typer.Argument(
+            help="YAML study spec. Default: the embedded digits study (studies/digits.yaml).",
+            show_default=False,
+        ),
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(help="Image folder (one sub-folder per class) or sklearn:digits."),
+    ] = None,
+    backbones: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated candidates family:model[@weights], e.g. "
+            "timm:resnet18@pretrained,timm:tf_efficientnet_lite0@packaged.",
+        ),
+    ] = None,
+    n_trials: Annotated[
+        int | None, typer.Option("--n-trials", min=1, help="Trials to run now (added to the study).")
+    ] = None,
+    timeout: Annotated[
+        float | None, typer.Option(min=0.001, help="Stop starting trials after this many seconds.")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Epochs per trial.")] = None,
+    storage: Storage = DEFAULT,
+    study_name: StudyName = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for sampling, splits and training.")] = None,
+    artifacts: Annotated[
+        Path | None,
+        typer.Option(
+            help="Directory for trial checkpoints; default: autotransfer-artifacts/ beside "
+            "the SQLite file (or in the working directory for other databases).",
+        ),
+    ] = None,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print the result as JSON instead of tables.")
+    ] = False,
+) -> None:
+    """Search how to fine-tune: backbone, freeze depth, learning rate and α.
+
+    Runs the study in SPEC (or the embedded default) and prints the trials and the
+    best one. Running it again resumes the study: new trials are added.
+    """
+    from autotransfer.cli.render import print_search_outcome
+    from autotransfer.progress import Progress
+    from autotransfer.search import run_search
+    from autotransfer.spec import load_spec
+
+    overrides = {
+        "data.path": data,
+        "search.backbones": [b.strip() for b in backbones.split(",") if b.strip()]
+        if backbones is not None
+        else None,
+        "n_trials": n_trials,
+        "timeout": timeout,
+        "train.epochs": epochs,
+        "name": study_name,
+        "seed": seed,
+    }
+    if data is not None and Path(data).exists():
+        overrides["data.path"] = str(Path(data).resolve())
+    resolved = load_spec(spec, overrides)
+    outcome = run_search(
+        resolved, storage, artifacts, Progress(epochs=resolved.train.epochs)
+    )
+    print_search_outcome(outcome, json_out)

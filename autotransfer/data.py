@@ -1,0 +1,185 @@
+"""Labelled image data: loaded and decoded once, split stratified and seeded.
+
+Images are kept as one uint8 tensor (N, 3, S, S) at the spec's image size, so
+every trial of a worker reuses the decoded data; normalisation and augmentation
+happen per batch on tensors (:mod:`autotransfer.augment`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from autotransfer.exceptions import DataError
+from autotransfer.spec import DataSpec, SplitSpec
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+BUILTIN_SETS = ("sklearn:digits",)
+MAX_CORRUPT_FRACTION = 0.1
+
+
+@dataclass
+class ImageSet:
+    """Images (uint8, N×3×S×S), integer labels and the class names."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+    def subset(self, index: np.ndarray) -> ImageSet:
+        idx = torch.as_tensor(index, dtype=torch.long)
+        return ImageSet(self.images[idx], self.labels[idx], self.classes)
+
+
+@dataclass
+class Splits:
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet
+
+    @property
+    def classes(self) -> list[str]:
+        return self.train.classes
+
+
+def load_dataset(spec: DataSpec) -> ImageSet:
+    """Load the data set named by ``spec.path`` at ``spec.image_size``.
+
+    Raises:
+        DataError: missing or empty folder, fewer than two classes, files that are
+            not images, or mostly unreadable images.
+    """
+    if spec.path == "sklearn:digits":
+        return _digits(spec.image_size)
+    if ":" in spec.path and not Path(spec.path).exists():
+        raise DataError(
+            f"unknown data set '{spec.path}'; give an image folder or one of: "
+            + ", ".join(BUILTIN_SETS)
+        )
+    return _image_folder(Path(spec.path), spec.image_size)
+
+
+def _digits(size: int) -> ImageSet:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    # 8x8 intensities 0..16 -> 0..255, grey -> 3 channels, upsampled once.
+    x = torch.from_numpy(digits.images).float().mul_(255.0 / 16.0).unsqueeze(1)
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    images = x.clamp_(0, 255).round_().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    labels = torch.from_numpy(digits.target).long()
+    return ImageSet(images, labels, [str(c) for c in digits.target_names])
+
+
+def _image_folder(root: Path, size: int) -> ImageSet:
+    if not root.exists():
+        raise DataError(f"data folder '{root}' does not exist; give an image folder (one sub-folder per class)")
+    if not root.is_dir():
+        raise DataError(f"data path '{root}' is a file; give an image folder (one sub-folder per class)")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"data folder '{root}' has no class sub-folders; put each class's images in its own sub-folder")
+    if len(class_dirs) < 2:
+        raise DataError(
+            f"data folder '{root}' has one class ('{class_dirs[0].name}'); a classifier needs at least 2 class sub-folders"
+        )
+    files: list[tuple[Path, int]] = []
+    unsupported: list[Path] = []
+    empty: list[str] = []
+    for label, d in enumerate(class_dirs):
+        entries = sorted(p for p in d.rglob("*") if p.is_file() and not p.name.startswith("."))
+        images = [p for p in entries if p.suffix.lower() in IMAGE_EXTENSIONS]
+        unsupported += [p for p in entries if p.suffix.lower() not in IMAGE_EXTENSIONS]
+        if not images:
+            empty.append(d.name)
+        files += [(p, label) for p in images]
+    if unsupported:
+        shown = ", ".join(str(p.relative_to(root)) for p in unsupported[:3])
+        more = f" and {len(unsupported) - 3} more" if len(unsupported) > 3 else ""
+        raise DataError(
+            f"data folder '{root}' has files that are not images: {shown}{more}; "
+            f"supported: {' '.join(IMAGE_EXTENSIONS)}; move them out"
+        )
+    if empty:
+        raise DataError(
+            f"class folder(s) with no images in '{root}': {', '.join(empty)}; "
+            f"add images ({' '.join(IMAGE_EXTENSIONS)}) or remove the folder"
+        )
+    return _decode(root, files, [d.name for d in class_dirs], size)
+
+
+def _decode(root: Path, files: list[tuple[Path, int]], classes: list[str], size: int) -> ImageSet:
+    from PIL import Image, UnidentifiedImageError
+
+    images = torch.empty((len(files), 3, size, size), dtype=torch.uint8)
+    labels: list[int] = []
+    bad: list[Path] = []
+    n = 0
+    for path, label in files:
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                w, h = im.size
+                s = min(w, h)  # centre square crop, then resize
+                im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+                im = im.resize((size, size), Image.Resampling.BILINEAR)
+                arr = np.asarray(im, dtype=np.uint8)
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            bad.append(path)
+            continue
+        images[n] = torch.from_numpy(arr.copy()).permute(2, 0, 1)
+        labels.append(label)
+        n += 1
+    if bad:
+        if len(bad) > MAX_CORRUPT_FRACTION * len(files):
+            raise DataError(
+                f"{len(bad)} of {len(files)} images in '{root}' cannot be read "
+                f"(e.g. {bad[0].relative_to(root)}); fix or remove them"
+            )
+        for p in bad:
+            log.warning("skipped unreadable image %s", p)
+    return ImageSet(images[:n].clone(), torch.tensor(labels, dtype=torch.long), classes)
+
+
+def min_per_class(split: SplitSpec) -> int:
+    """The fewest images a class needs so each split gets at least one."""
+    smallest = min(split.train, split.val, split.test)
+    return max(3, math.ceil(1 / smallest))
+
+
+def stratified_split(data: ImageSet, split: SplitSpec, seed: int) -> Splits:
+    """Split each class by the fractions in ``split``, shuffled with ``seed``.
+
+    Raises:
+        DataError: a class has too few images for every split to get one.
+    """
+    rng = np.random.default_rng(seed)
+    labels = data.labels.numpy()
+    parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
+    need = min_per_class(split)
+    for c, name in enumerate(data.classes):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) < need:
+            raise DataError(
+                f"class '{name}' has {len(idx)} image(s); the split "
+                f"train/val/test = {split.train:g}/{split.val:g}/{split.test:g} needs at least "
+                f"{need} per class; add images or change data.split"
+            )
+        idx = rng.permutation(idx)
+        n_train = max(1, round(split.train * len(idx)))
+        n_val = max(1, round(split.val * len(idx)))
+        n_test = max(1, min(round(split.test * len(idx)), len(idx) - n_train - n_val))
+        parts["train"].append(idx[:n_train])
+        parts["val"].append(idx[n_train : n_train + n_val])
+        parts["test"].append(idx[n_train + n_val : n_train + n_val + n_test])
+    return Splits(**{k: data.subset(np.sort(np.concatenate(v))) for k, v in parts.items()})

@@ -1,0 +1,110 @@
+"""L_pre, the retention term of ``L = alpha * L_pre + (1 - alpha) * L_fine``.
+
+- ``l2sp``: squared distance of the trainable trunk weights from their
+  pretrained values (L2-SP). No extra forward pass.
+- ``distill``: mean squared distance between the student's pooled features and
+  those of the frozen pretrained model on the same batch (LwF / DELTA style).
+- ``source``: cross-entropy on batches of a source data set through a source
+  head (the original head when the source has as many classes, else a new one).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autotransfer.augment import normalise
+from autotransfer.backbones import Backbone
+from autotransfer.data import ImageSet
+
+
+class Retention:
+    """Base: computes L_pre for one training batch."""
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Extra trainable parameters (e.g. a source head)."""
+        return []
+
+    def loss(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class L2SP(Retention):
+    def __init__(self, backbone: Backbone) -> None:
+        head = set(backbone.head)
+        self.params = [
+            (p, p.detach().clone())
+            for n, p in backbone.model.named_parameters()
+            if p.requires_grad and n not in head
+        ]
+
+    def loss(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        if not self.params:
+            return features.new_zeros(())
+        return sum((p - p0).pow(2).sum() for p, p0 in self.params)  # type: ignore[return-value]
+
+
+class Distill(Retention):
+    def __init__(self, backbone: Backbone) -> None:
+        self.backbone = backbone
+        self.teacher = copy.deepcopy(backbone.model).eval().requires_grad_(False)
+
+    def loss(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = self.backbone.features(self.teacher, x)
+        return F.mse_loss(features, target)
+
+
+class SourceTask(Retention):
+    def __init__(
+        self, backbone: Backbone, source: ImageSet, batch_size: int, generator: torch.Generator
+    ) -> None:
+        self.backbone = backbone
+        self.source = source
+        n_classes = len(source.classes)
+        original = backbone.extra.get("original_head")
+        if isinstance(original, nn.Linear) and original.out_features == n_classes:
+            self.head: nn.Module = copy.deepcopy(original).requires_grad_(True)
+        else:
+            self.head = nn.Linear(backbone.num_features, n_classes)
+        self.batch_size = batch_size
+        self.generator = generator
+        self._batches = self._cycle()
+
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.head.parameters())
+
+    def _cycle(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            order = torch.randperm(len(self.source), generator=self.generator)
+            for i in range(0, len(order), self.batch_size):
+                idx = order[i : i + self.batch_size]
+                yield self.source.images[idx], self.source.labels[idx]
+
+    def loss(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        images, labels = next(self._batches)
+        xs = normalise(images.to(x.device), self.backbone.preprocessing)
+        logits = self.head(self.backbone.features(self.backbone.model, xs))
+        return F.cross_entropy(logits, labels.to(x.device))
+
+
+def make_retention(
+    kind: str,
+    backbone: Backbone,
+    *,
+    source: ImageSet | None,
+    batch_size: int,
+    generator: torch.Generator,
+) -> Retention:
+    if kind == "l2sp":
+        return L2SP(backbone)
+    if kind == "distill":
+        return Distill(backbone)
+    if kind == "source":
+        assert source is not None, "spec validation guarantees a source set"
+        return SourceTask(backbone, source, batch_size, generator)
+    raise ValueError(f"unknown retention '{kind}'")

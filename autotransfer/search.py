@@ -1,0 +1,128 @@
+"""Running a search: validate everything, then let Optuna run the trials.
+
+All input is checked before the first trial: the spec (pydantic), the storage
+URL, the data (loaded, decoded and split once) and every candidate backbone
+(built once, so an unknown model or unreachable weights fail at once).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import torch
+
+from autotransfer.checkpoints import load_trial_backbone
+from autotransfer.data import ImageSet, Splits, load_dataset, stratified_split
+from autotransfer.exceptions import NoSuccessfulTrialsError
+from autotransfer.objective import Objective
+from autotransfer.plugins import PluginHost, get_plugin_host
+from autotransfer.progress import Progress
+from autotransfer.spec import StudySpec
+from autotransfer.storage import artifact_store, default_artifacts_dir, open_storage
+from autotransfer.study import TEST_METRICS_ATTR, create_or_resume, test_metrics
+from autotransfer.training import TrialError, evaluate
+
+
+@dataclass
+class SearchOutcome:
+    study: optuna.Study
+    best: optuna.trial.FrozenTrial
+    test: dict[str, float]
+    new_trials: int
+
+
+def prepare_data(spec: StudySpec) -> tuple[Splits, ImageSet | None]:
+    """Load and split the target set (and the source set, if any)."""
+    splits = stratified_split(load_dataset(spec.data), spec.data.split, spec.data.seed)
+    source = load_dataset(spec.source) if spec.source is not None else None
+    return splits, source
+
+
+def preflight(spec: StudySpec, host: PluginHost, num_classes: int) -> None:
+    """Build each candidate once so bad names or weights fail before any trial."""
+    for ref in spec.search.backbones:
+        host.build(ref, num_classes=num_classes, image_size=spec.data.image_size)
+
+
+def run_search(
+    spec: StudySpec,
+    storage_url: str,
+    artifacts: Path | None = None,
+    progress: Progress | None = None,
+) -> SearchOutcome:
+    """Run (or resume) the study described by ``spec``.
+
+    Raises:
+        UserInputError: bad storage, data or backbone (before any trial runs).
+        NoSuccessfulTrialsError: the study has no completed trial at the end.
+    """
+    progress = progress or Progress(epochs=spec.train.epochs)
+    torch.set_num_threads(spec.train.threads or os.cpu_count() or 1)
+    open_storage(storage_url)  # fail on a bad URL before loading anything heavy
+    artifacts = artifacts or default_artifacts_dir(storage_url)
+    splits, source = prepare_data(spec)
+    progress.message(
+        f"data: {spec.data.path}: {len(splits.classes)} classes, "
+        f"{len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test images "
+        f"at {spec.data.image_size}px"
+    )
+    host = get_plugin_host()
+    preflight(spec, host, len(splits.classes))
+    study = create_or_resume(spec, storage_url, artifacts)
+    store = artifact_store(artifacts)
+    before = len(study.trials)
+    progress.message(
+        f"study '{spec.name}': {before} trial(s) stored; running "
+        f"{spec.n_trials or 'unlimited'} more"
+        + (f" (timeout {spec.timeout:g}s)" if spec.timeout else "")
+    )
+    objective = Objective(spec, splits, host, store, progress, source)
+    study.optimize(
+        objective,
+        n_trials=spec.n_trials,
+        timeout=spec.timeout,
+        catch=(TrialError,),
+        gc_after_trial=True,
+    )
+    best = best_trial(study)
+    test = evaluate_best_on_test(study, best, host, store, splits, spec)
+    return SearchOutcome(study, best, test, len(study.trials) - before)
+
+
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not complete:
+        reasons = sorted(
+            {t.user_attrs.get("fail_reason", t.state.name.lower()) for t in study.trials}
+        )
+        raise NoSuccessfulTrialsError(
+            f"no successful trials in study '{study.study_name}' "
+            f"({len(study.trials)} trials: {', '.join(reasons) or 'none run'}); "
+            "see `autotransfer trials` for each trial's reason"
+        )
+    return study.best_trial
+
+
+def evaluate_best_on_test(
+    study: optuna.Study,
+    best: optuna.trial.FrozenTrial,
+    host: PluginHost,
+    store: object,
+    splits: Splits,
+    spec: StudySpec,
+) -> dict[str, float]:
+    """Test-set metrics of the best trial, from its checkpoint (computed once)."""
+    known = test_metrics(study)
+    if str(best.number) in known:
+        return known[str(best.number)]
+    backbone = load_trial_backbone(
+        best, host, store, num_classes=len(splits.classes), image_size=spec.data.image_size
+    )
+    m = evaluate(backbone, splits.test, spec.train.eval_batch_size)
+    result = {"accuracy": m.accuracy, "macro_f1": m.macro_f1, "n": len(splits.test)}
+    known[str(best.number)] = result
+    study.set_user_attr(TEST_METRICS_ATTR, known)
+    return result

