@@ -1,0 +1,3 @@
+from autotransfer.cli import main
+
+main()
