@@ -1,3 +1,24 @@
 """autotransfer: AutoML search over how to fine-tune a pretrained backbone."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from autotransfer.predict import ExportedModel, Runtime
+
 __version__ = "0.1.0"
+
+
+def load(export_dir: str | Path, runtime: Runtime = "onnx") -> ExportedModel:
+    """Load a model directory made by ``autotransfer export``.
+
+    ``autotransfer.load(dir).predict(["a.png", "folder/"], top_k=3)``; see
+    :func:`autotransfer.predict.load`. Imported lazily so ``import autotransfer``
+    stays light.
+    """
+    from autotransfer.predict import load as _load
+
+    return _load(export_dir, runtime)

@@ -11,12 +11,16 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from autotransfer.exceptions import DataError
 from autotransfer.spec import DataSpec, SplitSpec
+
+if TYPE_CHECKING:
+    import PIL.Image
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +122,21 @@ def _image_folder(root: Path, size: int) -> ImageSet:
     return _decode(root, files, [d.name for d in class_dirs], size)
 
 
+def square_resize(image: PIL.Image.Image, size: int) -> np.ndarray:
+    """RGB, centre square crop, bilinear resize: uint8 (size, size, 3).
+
+    The one decoding path for training data and for ``autotransfer predict``.
+    """
+    from PIL import Image
+
+    im = image.convert("RGB")
+    w, h = im.size
+    s = min(w, h)
+    im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    im = im.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(im, dtype=np.uint8)
+
+
 def _decode(root: Path, files: list[tuple[Path, int]], classes: list[str], size: int) -> ImageSet:
     from PIL import Image, UnidentifiedImageError
 
@@ -128,12 +147,7 @@ def _decode(root: Path, files: list[tuple[Path, int]], classes: list[str], size:
     for path, label in files:
         try:
             with Image.open(path) as im:
-                im = im.convert("RGB")
-                w, h = im.size
-                s = min(w, h)  # centre square crop, then resize
-                im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-                im = im.resize((size, size), Image.Resampling.BILINEAR)
-                arr = np.asarray(im, dtype=np.uint8)
+                arr = square_resize(im, size)
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
             bad.append(path)
             continue

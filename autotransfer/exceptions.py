@@ -37,6 +37,10 @@ class StorageError(UserInputError):
     """The storage URL cannot be used, or the study is not in it."""
 
 
+class ExportError(UserInputError):
+    """An export directory cannot be written, or a directory is not an export."""
+
+
 class PluginError(AutotransferError):
     """A plugin is broken: it clashes with another or raised while loading."""
 

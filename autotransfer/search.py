@@ -22,7 +22,7 @@ from autotransfer.plugins import PluginHost, get_plugin_host
 from autotransfer.progress import Progress
 from autotransfer.spec import StudySpec
 from autotransfer.storage import artifact_store, default_artifacts_dir, open_storage
-from autotransfer.study import TEST_METRICS_ATTR, create_or_resume, test_metrics
+from autotransfer.study import CLASSES_ATTR, TEST_METRICS_ATTR, create_or_resume, test_metrics
 from autotransfer.training import TrialError, evaluate
 
 
@@ -72,6 +72,7 @@ def run_search(
     host = get_plugin_host()
     preflight(spec, host, len(splits.classes))
     study = create_or_resume(spec, storage_url, artifacts)
+    study.set_user_attr(CLASSES_ATTR, list(splits.classes))  # for export: label names
     store = artifact_store(artifacts)
     before = len(study.trials)
     progress.message(

@@ -16,6 +16,7 @@ from autotransfer.storage import open_storage
 SPEC_ATTR = "spec"
 ARTIFACTS_ATTR = "artifacts"
 TEST_METRICS_ATTR = "test_metrics"
+CLASSES_ATTR = "classes"  # class names in label order, stored at search time
 # Fields that may change between runs of one study without changing what it means.
 RESUMABLE_FIELDS = {"n_trials", "timeout", "train.threads", "train.eval_batch_size"}
 

@@ -67,10 +67,12 @@ def _root(
 
 
 def _register() -> None:
-    from autotransfer.cli import search, trials
+    from autotransfer.cli import export, predict, search, trials
 
     app.command("search")(search.search)
     app.command("trials")(trials.trials)
+    app.command("export")(export.export)
+    app.command("predict")(predict.predict)
 
 
 _register()

@@ -49,6 +49,14 @@ def search(
     json_out: Annotated[
         bool, typer.Option("--json", help="Print the result as JSON instead of tables.")
     ] = False,
+    export: Annotated[
+        Path | None,
+        typer.Option(
+            "--export",
+            help="When the search ends, export the best trial to this new directory "
+            "(see `autotransfer export`).",
+        ),
+    ] = None,
 ) -> None:
     """Search how to fine-tune: backbone, freeze depth, learning rate and α.
 
@@ -74,7 +82,18 @@ def search(
     if data is not None and Path(data).exists():
         overrides["data.path"] = str(Path(data).resolve())
     resolved = load_spec(spec, overrides)
+    if export is not None:
+        from autotransfer.export import check_target
+
+        check_target(export)  # refuse a bad export path before the search, not after
     outcome = run_search(
         resolved, storage, artifacts, Progress(epochs=resolved.train.epochs)
     )
     print_search_outcome(outcome, json_out)
+    if export is not None:
+        from autotransfer.export import export_trial
+
+        done = export_trial(
+            outcome.study, export, outcome.best.number, message=lambda m: typer.echo(m, err=True)
+        )
+        typer.echo(f"exported trial {done.trial} to {done.path}", err=True)

@@ -1,0 +1,56 @@
+"""``autotransfer export``: write a trial's model as a ready-to-serve directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from autotransfer.cli.options import DEFAULT, Storage, StudyName
+
+
+def export(
+    out_dir: Annotated[
+        Path,
+        typer.Argument(help="Directory to create (model files, config.json, README.md).",
+                       show_default=False),
+    ],
+    storage: Storage = DEFAULT,
+    study_name: StudyName = None,
+    trial: Annotated[
+        int | None,
+        typer.Option("--trial", min=0, help="Trial number to export; default: the best trial."),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace a previous export in OUT_DIR.")
+    ] = False,
+) -> None:
+    """Export a trial (the best by default) from its checkpoint, without retraining.
+
+    Writes model.safetensors, model.torchscript.pt (plain torch), model.onnx (plain
+    onnxruntime), config.json and a model card README.md. Both programs take float32
+    NCHW input, normalised with the mean/std in config.json, and return logits.
+    """
+    from autotransfer.export import export_trial
+    from autotransfer.study import load_study
+
+    study = load_study(storage, study_name)
+    result = export_trial(study, out_dir, trial, force=force, message=_stderr)
+    print_export(result)
+
+
+def _stderr(line: str) -> None:
+    typer.echo(line, err=True)
+
+
+def print_export(result: object) -> None:
+    """One summary line per export on stdout."""
+    config = result.config  # type: ignore[attr-defined]
+    test = config["metrics"]["test"] or {}
+    acc = test.get("accuracy")
+    typer.echo(
+        f"exported trial {result.trial} ({result.backbone}) to {result.path}: "  # type: ignore[attr-defined]
+        f"{config['num_classes']} classes, val_acc {config['metrics']['val']['accuracy']:.3f}"
+        + (f", test_acc {acc:.3f}" if acc is not None else "")
+    )
