@@ -64,14 +64,15 @@ def run_search(
     open_storage(storage_url)  # fail on a bad URL before loading anything heavy
     artifacts = artifacts or default_artifacts_dir(storage_url)
     splits, source = prepare_data(spec)
+    host = get_plugin_host()
+    preflight(spec, host, len(splits.classes))
+    study = create_or_resume(spec, storage_url, artifacts)
+    # Only now, with all input checked: bad input gets one error line and nothing else.
     progress.message(
         f"data: {spec.data.path}: {len(splits.classes)} classes, "
         f"{len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test images "
         f"at {spec.data.image_size}px"
     )
-    host = get_plugin_host()
-    preflight(spec, host, len(splits.classes))
-    study = create_or_resume(spec, storage_url, artifacts)
     study.set_user_attr(CLASSES_ATTR, list(splits.classes))  # for export: label names
     store = artifact_store(artifacts)
     before = len(study.trials)

@@ -253,6 +253,12 @@ class StudySpec(_Model):
         return cls.model_validate(json.loads(text))
 
 
+_MODELS: tuple[type[BaseModel], ...] = (
+    FloatRange, BackboneRef, SplitSpec, AugmentSpec, DataSpec, SearchSpec, TrainSpec,
+    PrunerSpec, SamplerSpec, StudySpec,
+)
+
+
 def default_spec_path() -> Path:
     """The embedded default study (``studies/digits.yaml``)."""
     return Path(str(resources.files("autotransfer") / "_studies" / DEFAULT_SPEC_NAME))
@@ -279,34 +285,101 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
                 block["path"] = str((base / Path(path).expanduser()).resolve())
 
 
+# Error types that only say "this is not the right kind of value"; in a union
+# (e.g. a number or a {low, high} range) they are noise next to a real reason.
+_TYPE_ERRORS = {
+    "float_type", "float_parsing", "int_type", "int_parsing", "int_from_float",
+    "dict_type", "model_type", "model_attributes_type", "list_type", "string_type",
+    "bool_type", "bool_parsing", "is_instance_of",
+}
+_SCALAR_TAGS = {"float": "a number", "int": "an integer", "str": "a string",
+                "bool": "true or false", "list[int]": "a list of integers"}
+
+
+def _is_tag(part: Any, node: Any) -> bool:
+    """True for the union-member labels pydantic puts in error locations
+    (``float``, ``function-after[_check(), FloatRange]``); not for user keys."""
+    if not isinstance(part, str) or (isinstance(node, dict) and part in node):
+        return False
+    return part in _SCALAR_TAGS or any(c in part for c in "[(") or _model_named(part) is not None
+
+
+def _model_named(name: str) -> type[BaseModel] | None:
+    return next((m for m in _MODELS if m.__name__ == name), None)
+
+
+def _tag_description(tag: str) -> str:
+    if tag in _SCALAR_TAGS:
+        return _SCALAR_TAGS[tag]
+    name = tag.rstrip("]").split(",")[-1].strip() if "[" in tag else tag
+    model = _model_named(name)
+    if model is not None:
+        return "a mapping {" + ", ".join(model.model_fields) + "}"
+    return name
+
+
+def _user_loc(loc: tuple[Any, ...], raw: Any) -> tuple[list[Any], list[str]]:
+    """The location as the user wrote it, and the union tags dropped from it."""
+    path: list[Any] = []
+    tags: list[str] = []
+    node = raw
+    for part in loc:
+        if _is_tag(part, node):
+            tags.append(str(part))
+            continue
+        path.append(part)
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            node = None
+    return path, tags
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    text = json.dumps(value, default=str, separators=(", ", ": "))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _describe(errors: list[dict[str, Any]], raw: dict[str, Any]) -> str:
-    parts = []
+    """One line naming each wrong field, its value and the fix."""
+    groups: dict[str, list[tuple[dict[str, Any], list[Any], list[str]]]] = {}
     for err in errors:
-        loc = [str(p) for p in err["loc"] if not isinstance(p, int) or True]
-        # pydantic reports union members as extra path parts; keep the user's path.
-        loc = [p for p in loc if p not in {"float", "FloatRange", "int", "list[int]", "function-before[_parse_backbone(), BackboneRef]"}]
-        where = ".".join(loc) or "spec"
-        msg = err["msg"].removeprefix("Value error, ")
+        path, tags = _user_loc(tuple(err["loc"]), raw)
+        groups.setdefault(".".join(map(str, path)), []).append((err, path, tags))
+    # A union member's "not a number" at search.lr is noise next to search.lr.hgh.
+    for where in [w for w in groups if w]:
+        if all(e["type"] in _TYPE_ERRORS and t for e, _, t in groups[where]) and any(
+            other.startswith(where + ".") for other in groups
+        ):
+            del groups[where]
+    parts = []
+    for where, errs in groups.items():
+        # In a union, a reason from the member that fits beats "not a number".
+        real = [e for e in errs if e[0]["type"] not in _TYPE_ERRORS]
+        err, path, tags = (real or errs)[0]
+        where = where or "spec"
         if err["type"] == "extra_forbidden":
-            parent = raw
-            for p in err["loc"][:-1]:
-                parent = parent.get(p, {}) if isinstance(parent, dict) else {}
-            known = _known_fields(err["loc"][:-1])
-            hint = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
+            known = _known_fields(tuple(path[:-1]))
+            hint = difflib.get_close_matches(str(path[-1]), known, n=1)
             fix = f"did you mean '{hint[0]}'?" if hint else f"known keys: {', '.join(known)}"
             parts.append(f"{where}: unknown key; {fix}")
             continue
         if err["type"] == "missing":
             parts.append(f"{where}: required; add it to the spec")
             continue
-        value = err.get("input")
-        shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
-        parts.append(f"{where} = {shown}: {msg}")
-    # union types report the same location once per member; keep the first.
-    seen: dict[str, str] = {}
-    for p in parts:
-        seen.setdefault(p.split(":")[0].split(" =")[0], p)
-    return "; ".join(seen.values())
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "model_type":
+            model = _model_named(str(err.get("ctx", {}).get("class_name", "")))
+            if model is not None:
+                msg = "Input should be " + _tag_description(model.__name__)
+        if not real and len(errs) > 1:
+            kinds = [_tag_description(t[-1]) for _, _, t in errs if t]
+            msg = "Input should be " + " or ".join(dict.fromkeys(kinds))
+        shown = f" = {_show(err.get('input'))}" if path else ""
+        parts.append(f"{where}{shown}: {msg}")
+    return "; ".join(parts)
 
 
 def _known_fields(loc: tuple[Any, ...]) -> list[str]:

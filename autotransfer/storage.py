@@ -9,6 +9,7 @@ must name a directory every worker can reach.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import optuna
@@ -27,8 +28,8 @@ def redact(url: str) -> str:
         from sqlalchemy.engine import make_url
 
         return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return "<unparsable storage URL>"
+    except Exception:  # not a URL: show it, but never what looks like a password
+        return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
 
 
 def open_storage(url: str) -> optuna.storages.RDBStorage:
@@ -68,10 +69,13 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
             f"storage URL '{redact(url)}' has an unknown scheme '{parsed.drivername}'; "
             "use sqlite:///FILE.db or postgresql+psycopg://..."
         ) from None
-    except ModuleNotFoundError as exc:
+    except ImportError as exc:
+        # Optuna re-raises the driver's ModuleNotFoundError as a bare ImportError.
+        missing = exc if isinstance(exc, ModuleNotFoundError) else exc.__cause__
+        name = getattr(missing, "name", None) or parsed.drivername
         raise StorageError(
-            f"storage URL '{redact(url)}' needs the database driver '{exc.name}'; "
-            f"pip install it (for PostgreSQL: pip install 'autotransfer[postgres]')"
+            f"storage URL '{redact(url)}' needs the database driver '{name}', which is not "
+            f"installed; pip install it (for PostgreSQL: pip install 'autotransfer[postgres]')"
         ) from None
     except (OperationalError, optuna.exceptions.StorageInternalError) as exc:
         reason = str(getattr(exc, "orig", exc)).splitlines()[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +88,9 @@ def create_or_resume(spec: StudySpec, storage_url: str, artifacts: Path) -> optu
         study.set_user_attr(SPEC_ATTR, new)
         study.set_user_attr(ARTIFACTS_ATTR, str(artifacts))
         study.set_user_attr("autotransfer_version", __version__)
-        study.set_metric_names(["val_accuracy"])
+        with warnings.catch_warnings():  # experimental API; keep stderr for progress
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(["val_accuracy"])
         return study
     changed = spec_changes(stored, new)
     if changed:

@@ -137,8 +137,11 @@ class Trainer:
         self.steps_per_epoch = math.ceil(len(splits.train) / params.batch_size)
         self.optimizer = self._optimizer(trainable)
         total = self.steps_per_epoch * spec.train.epochs
+        # Warm up over 10 % of the steps, but at least 2 (capped at 30 %): with
+        # pct_start * total == 1 (e.g. 10 steps) OneCycleLR divides by zero.
         self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            self.optimizer, max_lr=params.lr, total_steps=total, pct_start=0.1
+            self.optimizer, max_lr=params.lr, total_steps=total,
+            pct_start=min(0.3, max(0.1, 2 / total)),
         )
         self.best: EpochResult | None = None
         self.best_state: dict[str, torch.Tensor] | None = None

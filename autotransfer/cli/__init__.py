@@ -24,7 +24,11 @@ def debug_enabled() -> bool:
 
 
 class _Group(TyperGroup):
-    """Translates domain errors into one message line and an exit code."""
+    """Translates domain errors into one message line and an exit code.
+
+    Exits with ``typer.Exit``: recent typer (0.29) runs on its own vendored click, whose
+    main loop does not catch ``click.exceptions.Exit`` (that would print a traceback).
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -33,7 +37,7 @@ class _Group(TyperGroup):
             if debug_enabled():
                 raise
             typer.echo(f"error: {exc}", err=True)
-            raise click.exceptions.Exit(exc.exit_code) from None
+            raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             if debug_enabled():
                 raise
@@ -41,7 +45,7 @@ class _Group(TyperGroup):
                 "interrupted: finished trials are stored; run the same command to resume",
                 err=True,
             )
-            raise click.exceptions.Exit(130) from None
+            raise typer.Exit(130) from None
 
 
 app = typer.Typer(

@@ -1,0 +1,271 @@
+"""Every kind of bad input: exit code 2, one line on stderr naming the value,
+no traceback; a failing run leaves the stored trials alone; --debug shows the
+traceback."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from autotransfer.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_bad_input(result, *needles: str) -> str:
+    """Exit 2, nothing on stdout, exactly one line on stderr that contains every
+    needle, and no traceback anywhere."""
+    detail = f"exit {result.exit_code}\nstderr: {result.stderr!r}\nexception: {result.exception!r}"
+    assert result.exit_code == 2, detail
+    assert isinstance(result.exception, SystemExit | None), detail
+    assert "Traceback" not in result.output, detail
+    assert result.stdout == "", detail
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, detail
+    line = lines[0]
+    assert line.startswith("error: "), detail
+    for needle in needles:
+        assert needle in line, f"{needle!r} not in {line!r}"
+    return line
+
+
+# ---------------------------------------------------------------- the spec
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needles"),
+    [
+        ({"train.epochs": "many"}, ["train.epochs", '"many"', "integer"]),
+        ({"search.batch_size": "big"}, ["search.batch_size", '"big"']),
+        ({"search.lr": 0}, ["search.lr", "= 0", "must be > 0"]),
+        ({"search.lr": -0.001}, ["search.lr", "-0.001", "must be > 0"]),
+        ({"search.lr": {"low": 0.0, "high": 0.1}}, ["search.lr", '"low": 0.0', "must be > 0"]),
+        ({"search.alpha": 1.0}, ["search.alpha", "1.0", "[0, 1)"]),
+        ({"search.alpha": -0.1}, ["search.alpha", "-0.1", "[0, 1)"]),
+        ({"search.alpha": {"low": 0.0, "high": 1.0}}, ["search.alpha", '"high": 1.0', "[0, 1)"]),
+        ({"trian": {"epochs": 2}}, ["trian", "unknown key", "did you mean 'train'"]),
+        ({"search.backbone": ["timm:x"]}, ["search.backbone", "did you mean 'backbones'"]),
+        ({"search.lr": {"low": 0.1, "high": 0.001}}, ["search.lr", '"low": 0.1', "swap"]),
+        ({"search.freeze": {"low": 0.9, "high": 0.1}}, ["search.freeze", '"low": 0.9', "swap"]),
+        ({"retention": "source"}, ["retention 'source' needs a 'source:' data set"]),
+        ({"search.backbones": ["resnet18"]}, ["'resnet18'", "family:model"]),
+        ({"data.image_size": 4}, ["data.image_size", "= 4", "greater than or equal to 8"]),
+    ],
+    ids=lambda v: json.dumps(v) if isinstance(v, dict) else None,
+)
+def test_invalid_spec_field(write_spec, storage_url: str, overrides: dict, needles: list) -> None:
+    spec = write_spec(**overrides)
+    line = assert_bad_input(invoke("search", spec, "--storage", storage_url), *needles)
+    assert spec.name in line  # which file
+
+
+def test_malformed_yaml(write_spec, storage_url: str) -> None:
+    spec = write_spec(text="name: tiny\nsearch:\n  backbones: [timm:x\n")
+    assert_bad_input(invoke("search", spec, "--storage", storage_url),
+                     spec.name, "not valid YAML", "line 4")
+
+
+def test_missing_spec_file(tmp_path: Path, storage_url: str) -> None:
+    missing = tmp_path / "nope.yaml"
+    assert_bad_input(invoke("search", missing, "--storage", storage_url), "nope.yaml", "not found")
+
+
+# ---------------------------------------------------------------- backbones
+
+
+@pytest.mark.parametrize(
+    ("backbone", "needles"),
+    [
+        ("nofamily:resnet18@none", ["unknown backbone family 'nofamily'", "timm"]),
+        ("timm:not_a_real_model@none", ["timm has no model 'not_a_real_model'"]),
+        ("timm:test_resnet@packaged", ["no packaged weights for timm:test_resnet"]),
+        ("timm:test_resnet@missing.safetensors", ["missing.safetensors", "not found"]),
+    ],
+)
+def test_unknown_backbone(write_spec, storage_url: str, backbone: str, needles: list) -> None:
+    spec = write_spec()
+    result = invoke("search", spec, "--backbones", backbone, "--storage", storage_url)
+    assert_bad_input(result, *needles)
+    assert not Path(storage_url.removeprefix("sqlite:///")).with_name(
+        "autotransfer-artifacts").exists()
+
+
+# ---------------------------------------------------------------- data
+
+
+def _data_case(case: str, tmp_path: Path, make: Callable[..., Path]) -> tuple[Path, list[str]]:
+    if case == "missing folder":
+        return tmp_path / "no-such-folder", ["no-such-folder", "does not exist"]
+    if case == "empty folder":
+        (tmp_path / "empty").mkdir()
+        return tmp_path / "empty", ["empty", "no class sub-folders"]
+    if case == "a file":
+        (tmp_path / "file.png").write_bytes(b"x")
+        return tmp_path / "file.png", ["file.png", "is a file"]
+    if case == "too few images":
+        root = make(per_class=12)
+        for p in sorted((root / "green").iterdir())[2:]:
+            p.unlink()
+        return root, ["class 'green' has 2 image(s)", "at least 4"]
+    if case == "non-image files":
+        root = make(per_class=12)
+        (root / "red" / "notes.txt").write_text("hello")
+        return root, ["red/notes.txt", "not images"]
+    if case == "unreadable images":
+        root = make(per_class=12)
+        for i in range(6):
+            (root / "blue" / f"broken{i}.png").write_bytes(b"not a png")
+        return root, ["6 of 42 images", "cannot be read"]
+    if case == "one class":
+        root = make(per_class=12, classes={"only": (10, 20, 30)})
+        return root, ["one class ('only')", "at least 2"]
+    if case == "empty class folder":
+        root = make(per_class=12)
+        (root / "void").mkdir()
+        return root, ["void", "no images"]
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing folder", "empty folder", "a file", "too few images", "non-image files",
+     "unreadable images", "one class", "empty class folder"],
+)
+def test_bad_data(case: str, write_spec, image_folder, tmp_path: Path, storage_url: str) -> None:
+    data, needles = _data_case(case, tmp_path, image_folder)
+    spec = write_spec()
+    result = invoke("search", spec, "--data", data, "--storage", storage_url)
+    assert_bad_input(result, *needles)
+
+
+def test_bad_data_path_in_spec(write_spec, tmp_path: Path, storage_url: str) -> None:
+    spec = write_spec(**{"data.path": str(tmp_path / "gone")})
+    assert_bad_input(invoke("search", spec, "--storage", storage_url), "gone", "does not exist")
+
+
+def test_unknown_builtin_data_set(write_spec, storage_url: str) -> None:
+    result = invoke("search", write_spec(), "--data", "sklearn:iris", "--storage", storage_url)
+    assert_bad_input(result, "'sklearn:iris'", "sklearn:digits")
+
+
+# ---------------------------------------------------------------- storage
+
+
+@pytest.mark.parametrize(
+    ("url", "needles"),
+    [
+        ("foo://x", ["foo://x", "unknown scheme 'foo'"]),
+        ("not a url", ["'not a url'", "not a database URL"]),
+        ("sqlite:///{tmp}/no/such/dir/s.db", ["no/such/dir", "does not exist"]),
+    ],
+)
+@pytest.mark.parametrize("command", ["search", "trials"])
+def test_unusable_storage(
+    url: str, needles: list, command: str, write_spec, tmp_path: Path
+) -> None:
+    url = url.format(tmp=tmp_path)
+    args = ["search", write_spec()] if command == "search" else ["trials"]
+    assert_bad_input(invoke(*args, "--storage", url), *needles)
+
+
+@pytest.mark.parametrize(
+    ("url", "driver", "shown"),
+    [("mysql://u:secret@h/db", "MySQLdb", "mysql://u:***@h/db"),
+     ("mysql+pymysql://u@h/db", "pymysql", "mysql+pymysql://u@h/db")],
+)
+def test_storage_driver_not_installed(write_spec, url: str, driver: str, shown: str) -> None:
+    if importlib.util.find_spec(driver) is not None:
+        pytest.skip(f"{driver} is installed")
+    result = invoke("search", write_spec(), "--storage", url)
+    line = assert_bad_input(result, shown, f"driver '{driver}'", "pip install")
+    assert "secret" not in line  # the password is never shown
+
+
+def test_trials_of_a_missing_study(storage_url: str) -> None:
+    assert_bad_input(invoke("trials", "--storage", storage_url, "--study-name", "ghost"),
+                     "no study 'ghost'")
+
+
+# ------------------------------------------------- a failing run keeps trials
+
+
+def test_a_failing_second_run_leaves_stored_trials_intact(
+    write_spec, image_folder, tmp_path: Path, storage_url: str
+) -> None:
+    spec = write_spec(**{"train.epochs": 1, "n_trials": 2})
+    ok = invoke("search", spec, "--storage", storage_url, "--json")
+    assert ok.exit_code == 0, ok.output
+    stored = json.loads(invoke("trials", "--storage", storage_url, "--json").stdout)["trials"]
+    assert len(stored) == 2
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad_runs = [
+        # same study, the search space changed
+        (["search", write_spec(**{"train.epochs": 1, "search.batch_size": 4})],
+         ["study 'tiny'", "search.batch_size"]),
+        # same study, unknown backbone / bad data / bad spec value
+        (["search", spec, "--backbones", "timm:nope_model@none"], ["nope_model"]),
+        (["search", spec, "--data", empty], ["no class sub-folders"]),
+        (["search", write_spec(**{"train.epochs": 1, "search.alpha": 1.0})], ["search.alpha"]),
+    ]
+    for args, needles in bad_runs:
+        assert_bad_input(invoke(*args, "--storage", storage_url), *needles)
+        after = json.loads(invoke("trials", "--storage", storage_url, "--json").stdout)
+        assert after["trials"] == stored, f"{args} changed the stored trials"
+
+    # A run whose every trial fails is exit 1 (the work failed), and still one line.
+    doomed = write_spec(**{"name": "doomed", "train.epochs": 1, "n_trials": 1,
+                           "search.lr": 1e12, "search.alpha": 0.0, "search.freeze": 0.0})
+    result = invoke("search", doomed, "--storage", storage_url)
+    assert result.exit_code == 1, result.output
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and "no successful trials in study 'doomed'" in errors[0]
+    assert "non_finite" in errors[0] and "Traceback" not in result.output
+    after = json.loads(invoke("trials", "--storage", storage_url, "--study-name", "tiny",
+                              "--json").stdout)
+    assert after["trials"] == stored
+
+
+# ------------------------------------------------------------------- --debug
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    code = "from autotransfer.cli import main; main()"
+    env = dict(os.environ, AUTOTRANSFER_DEBUG="")
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_debug_shows_the_traceback_and_plain_run_does_not(write_spec, tmp_path: Path) -> None:
+    spec = write_spec(**{"search.alpha": 1.0})
+    plain = _cli("search", spec, cwd=tmp_path)
+    assert plain.returncode == 2, plain.stderr
+    assert plain.stderr.count("\n") == 1 and plain.stderr.startswith("error: invalid spec")
+    assert "Traceback" not in plain.stderr and plain.stdout == ""
+
+    debug = _cli("--debug", "search", spec, cwd=tmp_path)
+    assert debug.returncode != 0
+    assert "Traceback (most recent call last)" in debug.stderr
+    assert "autotransfer.exceptions.SpecError" in debug.stderr
+    assert "search.alpha" in debug.stderr
+
+
+def test_debug_through_cli_runner(write_spec) -> None:
+    from autotransfer.exceptions import SpecError
+
+    result = invoke("--debug", "search", write_spec(**{"search.alpha": -0.1}))
+    assert isinstance(result.exception, SpecError)
+    assert result.exc_info is not None and result.exc_info[2] is not None
