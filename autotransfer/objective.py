@@ -45,6 +45,25 @@ def sample_params(trial: optuna.Trial, spec: StudySpec) -> TrialParams:
     )
 
 
+def plugin_label(host: PluginHost, family: str) -> str:
+    """``plugin 'NAME' (distribution 'DIST VERSION')`` of the plugin that
+    registered backbone ``family``, for failure messages."""
+    name = host.family_plugins.get(family, "?")
+    info = next((p for p in host.plugins if p.name == name), None)
+    dist = f"{info.distribution} {info.version}" if info else "?"
+    return f"plugin '{name}' (distribution '{dist}')"
+
+
+def _record_batch(trial: optuna.Trial, trainer: Trainer) -> None:
+    """The batch each optimiser step used (``effective_batch_size``, the sampled
+    batch: out-of-memory splits it into micro-batches with the gradients
+    accumulated) and the largest forward that fitted (``micro_batch_size``)."""
+    trial.set_user_attr("effective_batch_size", trainer.params.batch_size)
+    trial.set_user_attr("micro_batch_size", trainer.micro_batch_size)
+    if trainer.oom_events:
+        trial.set_user_attr("oom_events", trainer.oom_events)
+
+
 class Objective:
     """Callable for ``study.optimize``; holds the decoded data for all its trials."""
 
@@ -77,9 +96,9 @@ class Objective:
         except AutotransferError:
             raise
         except Exception as exc:
-            plugin = self.host.family_plugins.get(ref.family, "?")
             raise self._fail(
-                trial, "plugin_error", f"plugin '{plugin}' failed to build {ref.key}: {exc!r}"
+                trial, "plugin_error",
+                f"{plugin_label(self.host, ref.family)} failed to build {ref.key}: {exc!r}",
             ) from exc
         trainer = Trainer(backbone, self.splits, params, self.spec, self.spec.seed, self.source)
         trial.set_user_attr("n_blocks", trainer.n_blocks)
@@ -90,6 +109,7 @@ class Objective:
             for result in trainer.epochs():
                 trial.report(result.val.accuracy, result.epoch)
                 trial.set_user_attr("epochs_run", result.epoch)
+                _record_batch(trial, trainer)
                 self.progress.epoch(trial.number, result)
                 # Pruning after the last epoch saves nothing; let the trial complete.
                 if result.epoch < self.spec.train.epochs and trial.should_prune():
@@ -102,13 +122,14 @@ class Objective:
                     )
                     raise optuna.TrialPruned(f"pruned after epoch {result.epoch}")
         except TrialError as exc:
+            _record_batch(trial, trainer)
             raise self._fail(trial, exc.reason, str(exc)) from exc
         except (optuna.TrialPruned, KeyboardInterrupt):
             raise
         except Exception as exc:
-            plugin = self.host.family_plugins.get(ref.family, "?")
             raise self._fail(
-                trial, "plugin_error", f"training {ref.key} (plugin '{plugin}') raised {exc!r}"
+                trial, "plugin_error",
+                f"training {ref.key} ({plugin_label(self.host, ref.family)}) raised {exc!r}",
             ) from exc
         assert trainer.best is not None and trainer.best_state is not None
         self._record_best(trial, trainer, start)

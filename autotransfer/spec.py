@@ -207,6 +207,11 @@ class TrainSpec(_Model):
     optimizer: Literal["adamw", "sgd"] = "adamw"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     eval_batch_size: int = Field(256, ge=1)
+    min_batch_size: int = Field(
+        1, ge=1,
+        description="out of memory: the batch is split into micro-batches (gradients "
+        "accumulated), halving down to this size; below it the trial fails with reason oom",
+    )
     threads: int | None = Field(None, ge=1, description="CPU threads; default: all cores")
 
 

@@ -7,6 +7,7 @@ weights of its best epoch (by validation accuracy), not its last.
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from collections.abc import Iterator
@@ -30,6 +31,30 @@ class TrialError(AutotransferError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+_OOM_MESSAGES = ("out of memory", "can't allocate memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an out-of-memory error: ``torch.OutOfMemoryError``, the
+    ``RuntimeError`` forms ("CUDA error: out of memory", "DefaultCPUAllocator:
+    can't allocate memory") or the host's :class:`MemoryError`."""
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _OOM_MESSAGES)
+
+
+def free_memory() -> None:
+    """Give memory back after an out-of-memory error (call it outside the
+    ``except`` block, once the exception and the batch tensors are dropped)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+DIVERGENCE_FACTOR = 1000.0
+"""A batch loss this many times the first one's fails the trial (``diverged``)."""
 
 
 @dataclass(frozen=True)
@@ -143,6 +168,12 @@ class Trainer:
             self.optimizer, max_lr=params.lr, total_steps=total,
             pct_start=min(0.3, max(0.1, 2 / total)),
         )
+        # Largest forward that fits; halved on out-of-memory (see _step).
+        self.micro_batch_size = params.batch_size
+        self.min_batch_size = min(spec.train.min_batch_size, params.batch_size)
+        self.oom_events = 0
+        self.reference_loss: float | None = None
+        self.eval_batch_size = spec.train.eval_batch_size
         self.best: EpochResult | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
 
@@ -153,40 +184,99 @@ class Trainer:
         return torch.optim.AdamW(params, lr=self.params.lr, weight_decay=wd)
 
     def _train_epoch(self) -> float:
-        model, pre, alpha = self.backbone.model, self.backbone.preprocessing, self.params.alpha
+        model, pre = self.backbone.model, self.backbone.preprocessing
         train_mode(model, self.frozen_norms)
         data = self.splits.train
         order = torch.randperm(len(data), generator=self.generator)
         total, count = 0.0, 0
-        for i in range(0, len(order), self.params.batch_size):
+        for step, i in enumerate(range(0, len(order), self.params.batch_size)):
             idx = order[i : i + self.params.batch_size]
             x = augment(normalise(data.images[idx], pre), self.spec.data.augment, self.generator)
             y = data.labels[idx]
-            features = self.backbone.features(model, x)
+            while True:
+                try:
+                    loss_sum = self._step(x, y, step)
+                    break
+                except TrialError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - re-raised unless it is an OOM
+                    if not is_out_of_memory(exc):
+                        raise
+                    error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                # Out of the except block: the exception (and the frames holding the
+                # batch's activations) is gone, so the memory can really be freed.
+                self._shrink_micro_batch(error)
+            self._check_divergence(loss_sum / len(idx), step)
+            self.optimizer.step()
+            self.scheduler.step()
+            total += loss_sum
+            count += len(idx)
+        return total / max(1, count)
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> float:
+        """Forward and backward of one optimiser batch, in micro-batches of at most
+        ``micro_batch_size`` with the gradients accumulated: each micro-batch's mean
+        loss is weighted by its share of the batch, so the gradient (and the
+        sampled ``batch_size``, the learning-rate schedule and the steps per epoch)
+        is that of the whole batch. Returns the batch's summed loss."""
+        model, alpha = self.backbone.model, self.params.alpha
+        self.optimizer.zero_grad(set_to_none=True)
+        n, total = len(y), 0.0
+        for j in range(0, n, self.micro_batch_size):
+            xb, yb = x[j : j + self.micro_batch_size], y[j : j + self.micro_batch_size]
+            features = self.backbone.features(model, xb)
             logits = self.backbone.classify(model, features)
-            loss = F.cross_entropy(logits, y, label_smoothing=self.spec.train.label_smoothing)
+            loss = F.cross_entropy(logits, yb, label_smoothing=self.spec.train.label_smoothing)
             if self.retention is not None:
-                loss = alpha * self.retention.loss(x, features) + (1 - alpha) * loss
+                loss = alpha * self.retention.loss(xb, features) + (1 - alpha) * loss
             if not torch.isfinite(loss):
                 raise TrialError(
                     "non_finite",
-                    f"loss became {loss.item()} at step {i // self.params.batch_size}; "
+                    f"loss became {loss.item()} at step {step}; "
                     "the learning rate is probably too high",
                 )
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            self.scheduler.step()
-            total += loss.item() * len(idx)
-            count += len(idx)
-        return total / max(1, count)
+            (loss * (len(yb) / n)).backward()
+            total += loss.item() * len(yb)
+            del features, logits, loss
+        return total
+
+    def _check_divergence(self, loss: float, step: int) -> None:
+        """Stop a trial whose loss explodes while still finite (AdamW with a huge
+        learning rate keeps it finite but in the millions): a batch loss above
+        ``DIVERGENCE_FACTOR`` times the trial's first batch loss (at least the
+        chance-level cross-entropy, ln(classes)) fails it with reason ``diverged``."""
+        if self.reference_loss is None:
+            self.reference_loss = max(loss, math.log(max(2, len(self.splits.classes))))
+        elif loss > DIVERGENCE_FACTOR * self.reference_loss:
+            raise TrialError(
+                "diverged",
+                f"loss {loss:.4g} at step {step} is over {DIVERGENCE_FACTOR:g} times the "
+                f"first batch's ({self.reference_loss:.4g}); the learning rate is probably "
+                "too high",
+            )
+
+    def _shrink_micro_batch(self, error: str) -> None:
+        """Halve the micro-batch after an out-of-memory error, or fail the trial
+        with reason ``oom`` when it is already at ``train.min_batch_size``."""
+        self.optimizer.zero_grad(set_to_none=True)
+        free_memory()
+        smaller = self.micro_batch_size // 2
+        if smaller < self.min_batch_size:
+            raise TrialError(
+                "oom",
+                f"out of memory at batch size {self.micro_batch_size} (the floor, "
+                f"train.min_batch_size = {self.min_batch_size}): {error}; use a smaller "
+                "model, image size or batch size, or lower train.min_batch_size",
+            )
+        self.micro_batch_size = smaller
+        self.oom_events += 1
 
     def epochs(self) -> Iterator[EpochResult]:
         """Train epoch by epoch, yielding each epoch's validation metrics."""
         for epoch in range(1, self.spec.train.epochs + 1):
             start = time.perf_counter()
             train_loss = self._train_epoch()
-            val = evaluate(self.backbone, self.splits.val, self.spec.train.eval_batch_size)
+            val = self._evaluate()
             if not math.isfinite(val.loss):
                 raise TrialError("non_finite", f"validation loss became {val.loss} at epoch {epoch}")
             is_best = self.best is None or val.accuracy > self.best.val.accuracy
@@ -198,3 +288,18 @@ class Trainer:
                     for k, v in self.backbone.model.state_dict().items()
                 }
             yield result
+
+    def _evaluate(self) -> Metrics:
+        """:func:`evaluate` on the validation set, halving the evaluation batch on
+        out-of-memory (down to 1; then the trial fails with reason ``oom``)."""
+        while True:
+            try:
+                return evaluate(self.backbone, self.splits.val, self.eval_batch_size)
+            except Exception as exc:  # noqa: BLE001 - re-raised unless it is an OOM
+                if not is_out_of_memory(exc):
+                    raise
+                error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            free_memory()
+            if self.eval_batch_size <= 1:
+                raise TrialError("oom", f"out of memory evaluating one image: {error}")
+            self.eval_batch_size //= 2
