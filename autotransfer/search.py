@@ -16,8 +16,8 @@ import torch
 
 from autotransfer.checkpoints import load_trial_backbone
 from autotransfer.data import ImageSet, Splits, load_dataset, stratified_split
-from autotransfer.exceptions import NoSuccessfulTrialsError
-from autotransfer.objective import Objective
+from autotransfer.exceptions import AutotransferError, BackboneError, NoSuccessfulTrialsError
+from autotransfer.objective import Objective, plugin_label
 from autotransfer.plugins import PluginHost, get_plugin_host
 from autotransfer.progress import Progress
 from autotransfer.spec import StudySpec
@@ -44,7 +44,16 @@ def prepare_data(spec: StudySpec) -> tuple[Splits, ImageSet | None]:
 def preflight(spec: StudySpec, host: PluginHost, num_classes: int) -> None:
     """Build each candidate once so bad names or weights fail before any trial."""
     for ref in spec.search.backbones:
-        host.build(ref, num_classes=num_classes, image_size=spec.data.image_size)
+        try:
+            host.build(ref, num_classes=num_classes, image_size=spec.data.image_size)
+        except AutotransferError:
+            raise
+        except Exception as exc:  # a plugin's own bug: name it, no traceback
+            raise BackboneError(
+                f"{plugin_label(host, ref.family)} failed to build {ref.key}: "
+                f"{type(exc).__name__}: {exc}; fix or uninstall the plugin, or drop "
+                f"{ref.key} from search.backbones"
+            ) from exc
 
 
 def run_search(

@@ -251,3 +251,67 @@ def test_plugin_raising_in_forward_fails_only_its_trial_and_is_named(
     assert "plugin 'timm'" in message and f"distribution '{dist}" in message
     assert "bad kernel shape in plugin" in message
     assert ok.state == optuna.trial.TrialState.COMPLETE
+
+
+class _BrokenFamily:
+    """A third-party family whose build always raises (a plugin bug)."""
+
+    name = "broken"
+    modality = "image"
+    weights_sources = ("pretrained", "none")
+
+    def list_models(self, pattern=None):
+        return ["net"]
+
+    def build(self, model, *, weights, num_classes, image_size):
+        raise RuntimeError("weights layout changed in v2")
+
+
+def test_plugin_raising_while_building_is_named_before_any_trial(
+    write_spec, storage_url: str, monkeypatch
+) -> None:
+    """The preflight builds every candidate: a build that always fails is exit 2,
+    one line naming the plugin, its distribution and the error, and no study."""
+    from typer.testing import CliRunner
+
+    from autotransfer.cli import app
+    from autotransfer.plugins import PluginHost, PluginInfo
+
+    host = PluginHost.load()
+    host.families["broken"] = _BrokenFamily()
+    host.family_plugins["broken"] = "brokenplug"
+    host.plugins.append(PluginInfo("brokenplug", "autotransfer-broken", "0.3.1", False))
+    monkeypatch.setattr("autotransfer.search.get_plugin_host", lambda: host)
+    result = CliRunner().invoke(app, ["search", str(write_spec()), "--storage", storage_url,
+                                      "--backbones", "broken:net@none"])
+    assert result.exit_code == 2, result.output
+    line = result.stderr.strip()
+    assert "\n" not in line and "Traceback" not in result.output
+    for needle in ("plugin 'brokenplug'", "distribution 'autotransfer-broken 0.3.1'",
+                   "broken:net@none", "RuntimeError: weights layout changed in v2"):
+        assert needle in line, line
+    assert optuna.get_all_study_names(storage_url) == []  # no study was created
+
+
+# ------------------------------------------------------------ every trial fails
+
+
+def test_every_trial_failing_exits_1_and_exports_nothing(
+    write_spec, storage_url: str, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from autotransfer.cli import app
+
+    spec = write_spec(**{"name": "doomed", "train.epochs": 1, "n_trials": 2,
+                         "search.lr": 1e12, "search.alpha": 0.0, "search.freeze": 1.0})
+    out = tmp_path / "model"
+    result = CliRunner().invoke(app, ["search", str(spec), "--storage", storage_url,
+                                      "--export", str(out), "--json"])
+    assert result.exit_code == 1, result.output
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and "no successful trials in study 'doomed'" in errors[0]
+    assert "2 trials: diverged" in errors[0] and "Traceback" not in result.output
+    assert result.stdout == ""
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(("model", ".model"))]
