@@ -45,7 +45,9 @@ class FloatRange(_Model):
         if self.low > self.high:
             raise ValueError(f"low ({self.low}) must be <= high ({self.high}); swap them")
         if self.log and self.low <= 0:
-            raise ValueError(f"log scale needs low > 0, got low={self.low}")
+            raise ValueError(
+                f"log scale needs low > 0, got low={self.low}; raise low or set log: false"
+            )
         return self
 
 
@@ -195,7 +197,9 @@ class SearchSpec(_Model):
     @classmethod
     def _batch(cls, v: int | list[int]) -> int | list[int]:
         sizes = v if isinstance(v, list) else [v]
-        if not sizes or any(s < 1 for s in sizes):
+        if not sizes:
+            raise ValueError("no batch size to choose from; give one (32) or a list ([16, 32])")
+        if any(s < 1 for s in sizes):
             raise ValueError(f"batch sizes must be positive integers, got {v}")
         return v
 

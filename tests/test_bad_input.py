@@ -269,3 +269,139 @@ def test_debug_through_cli_runner(write_spec) -> None:
     result = invoke("--debug", "search", write_spec(**{"search.alpha": -0.1}))
     assert isinstance(result.exception, SpecError)
     assert result.exc_info is not None and result.exc_info[2] is not None
+
+
+# ------------------------------------------- more of the battery (issue 7)
+
+
+@pytest.fixture
+def stored(storage_url: str) -> Callable[[], str]:
+    """A study with one finished trial already in ``storage_url``; returns a
+    function giving the database's digest, to show bad input changed nothing."""
+    import hashlib
+
+    import optuna
+
+    study = optuna.create_study(storage=storage_url, study_name="tiny", direction="maximize")
+    study.add_trial(optuna.trial.create_trial(value=0.5, params={"lr": 0.01},
+                    distributions={"lr": optuna.distributions.FloatDistribution(1e-3, 1e-1)}))
+    db = Path(storage_url.removeprefix("sqlite:///"))
+    return lambda: hashlib.sha256(db.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needles"),
+    [
+        # empty or inverted ranges, log scale with low <= 0, empty choices
+        ({"search.batch_size": []}, ["search.batch_size = []", "no batch size", "[16, 32]"]),
+        ({"search.batch_size": [8, 0]}, ["search.batch_size = [8, 0]", "positive integers"]),
+        ({"search.weight_decay": {"low": 0.0, "high": 0.1, "log": True}},
+         ["search.weight_decay", '"low": 0.0', "log scale needs low > 0", "set log: false"]),
+        ({"search.weight_decay": {"low": 0.1, "high": 0.01}},
+         ["search.weight_decay", '"low": 0.1', "swap"]),
+        ({"search.backbones": []}, ["search.backbones = []", "at least 1 item"]),
+        ({"search.lr": {"low": 0.001}}, ["search.lr.high", "required"]),
+        # wrong types and values
+        ({"search.lr": "fast"}, ["search.lr", '"fast"', "a number or a mapping {low, high, log}"]),
+        ({"train.epochs": 2.5}, ["train.epochs = 2.5", "integer"]),
+        ({"train.optimizer": "adam"}, ["train.optimizer", '"adam"', "'adamw' or 'sgd'"]),
+        ({"train.min_batch_size": 0}, ["train.min_batch_size = 0", "greater than or equal to 1"]),
+        ({"timeout": 0}, ["timeout = 0", "greater than 0"]),
+        ({"n_trials": 0}, ["n_trials = 0", "greater than or equal to 1"]),
+        ({"data.split.train": 0.9}, ["data.split", "1.4 > 1", "lower the fractions"]),
+        # unknown keys, deeper down
+        ({"train.epoch": 3}, ["train.epoch", "unknown key", "did you mean 'epochs'"]),
+        ({"search.learning_rate": 0.01}, ["search.learning_rate", "unknown key", "known keys"]),
+    ],
+    ids=lambda v: json.dumps(v) if isinstance(v, dict) else None,
+)
+def test_more_invalid_spec_fields(
+    write_spec, storage_url: str, stored, overrides: dict, needles: list
+) -> None:
+    before = stored()
+    spec = write_spec(**overrides)
+    line = assert_bad_input(invoke("search", spec, "--storage", storage_url), *needles)
+    assert spec.name in line
+    assert stored() == before
+
+
+def test_every_wrong_field_is_named_in_one_message(write_spec, storage_url: str) -> None:
+    spec = write_spec(**{"train.epochs": "many", "search.alpha": 1.0, "trian": {"epochs": 2},
+                         "data.image_size": "big", "search.batch_size": []})
+    line = assert_bad_input(invoke("search", spec, "--storage", storage_url))
+    for needle in ('train.epochs = "many"', "search.alpha = 1.0", "[0, 1)",
+                   "trian: unknown key; did you mean 'train'", 'data.image_size = "big"',
+                   "search.batch_size = []"):
+        assert needle in line, f"{needle!r} not in {line!r}"
+
+
+@pytest.mark.parametrize(
+    ("text", "needles"),
+    [
+        ("- just\n- a list\n", ["must be a YAML mapping", "list"]),
+        ("name: tiny\n\tsearch: {}\n", ["not valid YAML", "line 2"]),
+        ("name: [unclosed\n", ["not valid YAML"]),
+    ],
+    ids=["list", "tab", "unclosed"],
+)
+def test_spec_that_is_not_a_yaml_mapping(write_spec, storage_url: str, text, needles) -> None:
+    spec = write_spec(text=text)
+    assert_bad_input(invoke("search", spec, "--storage", storage_url), spec.name, *needles)
+
+
+def test_binary_spec_file(tmp_path: Path, storage_url: str) -> None:
+    spec = tmp_path / "model.yaml"
+    spec.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00")
+    assert_bad_input(invoke("search", spec, "--storage", storage_url),
+                     "model.yaml", "not a YAML text file")
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        # misspelt options and commands: click's suggestion, one line, exit 2
+        (["search", "--n-trails", "3"], ["No such option: --n-trails", "--n-trials",
+                                         "search -h"]),
+        (["serch"], ["No such command 'serch'", "Did you mean 'search'"]),
+        (["trials", "--storge", "x"], ["No such option: --storge", "--storage"]),
+        # bad flag values
+        (["search", "--timeout", "0"], ["'--timeout'", "greater than or equal to 0.001"]),
+        (["search", "--timeout", "-5"], ["'--timeout'", "greater than or equal to 0.001"]),
+        (["search", "--n-trials", "0"], ["'--n-trials'", "greater than or equal to 1"]),
+        (["search", "--epochs", "two"], ["'--epochs'", "valid integer"]),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) and v and isinstance(v[0], str)
+    and v[0] in ("search", "serch", "trials") else None,
+)
+def test_usage_errors_are_one_line(args: list, needles: list, storage_url: str, stored) -> None:
+    before = stored()
+    assert_bad_input(invoke(*args, "--storage", storage_url) if args[0] != "serch"
+                     else invoke(*args), *needles)
+    assert stored() == before
+
+
+def test_usage_error_with_debug_shows_clicks_own_report() -> None:
+    result = invoke("--debug", "search", "--timeout", "0")
+    assert result.exit_code == 2
+    assert "Usage:" in result.output
+
+
+def test_export_inside_the_artifacts_directory_is_refused(
+    write_spec, storage_url: str, tmp_path: Path
+) -> None:
+    art = tmp_path / "art"
+    result = invoke("search", write_spec(), "--storage", storage_url, "--artifacts", art,
+                    "--export", art / "model")
+    assert_bad_input(result, "--export", "inside --artifacts", "outside it")
+    assert not art.exists()
+
+
+@pytest.mark.parametrize("name", ["notes.txt", "README"])
+def test_a_text_file_given_as_data(name: str, write_spec, tmp_path: Path, storage_url: str,
+                                   stored) -> None:
+    before = stored()
+    text = tmp_path / name
+    text.write_text("label,path\ncat,1.png\n")
+    assert_bad_input(invoke("search", write_spec(), "--data", text, "--storage", storage_url),
+                     name, "is a file")
+    assert stored() == before

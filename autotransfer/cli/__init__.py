@@ -17,6 +17,10 @@ from typer.core import TyperGroup
 from autotransfer.exceptions import AutotransferError
 
 _state = {"debug": False}
+# Typer 0.29 raises usage errors from its vendored click; older ones from click.
+_USAGE_ERRORS = tuple(
+    {click.UsageError, getattr(typer.core, "_click", click).exceptions.UsageError}
+)
 
 
 def debug_enabled() -> bool:
@@ -38,6 +42,14 @@ class _Group(TyperGroup):
                 raise
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(exc.exit_code) from None
+        except _USAGE_ERRORS as exc:
+            # A misspelt option or a bad flag value: one line too, not a box.
+            if debug_enabled():
+                raise
+            where = exc.ctx.command_path if exc.ctx is not None else "autotransfer"
+            message = " ".join(exc.format_message().split())
+            typer.echo(f"error: {message}; see '{where} -h'", err=True)
+            raise typer.Exit(2) from None
         except KeyboardInterrupt:
             if debug_enabled():
                 raise
