@@ -83,12 +83,14 @@ def _root(
 
 
 def _register() -> None:
-    from autotransfer.cli import export, predict, search, trials
+    from autotransfer.cli import dashboard, export, predict, report, search, trials
 
     app.command("search")(search.search)
     app.command("trials")(trials.trials)
     app.command("export")(export.export)
     app.command("predict")(predict.predict)
+    app.command("report")(report.report)
+    app.command("dashboard")(dashboard.dashboard)
 
 
 _register()
