@@ -22,14 +22,21 @@ ARTIFACTS_DIRNAME = "autotransfer-artifacts"
 SQLITE_TIMEOUT_S = 300  # Optuna's 5 s default makes concurrent SQLite workers crash.
 
 
+_SECRET_QUERY = re.compile(
+    r"(?i)([?&](?:password|passwd|pwd|pass|secret|token|api_?key|sslpassword)=)[^&#]*"
+)
+
+
 def redact(url: str) -> str:
-    """The URL with its password hidden, for messages and logs."""
+    """The URL with its password (and secret-looking query values) hidden, for
+    messages and logs."""
     try:
         from sqlalchemy.engine import make_url
 
-        return make_url(url).render_as_string(hide_password=True)
+        shown = make_url(url).render_as_string(hide_password=True)
     except Exception:  # not a URL: show it, but never what looks like a password
-        return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
+        shown = re.sub(r"([^:/@\s]*):[^@\s]*@", r"\1:***@", url)
+    return _SECRET_QUERY.sub(r"\1***", shown)
 
 
 def open_storage(url: str) -> optuna.storages.RDBStorage:
@@ -76,6 +83,12 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         raise StorageError(
             f"storage URL '{redact(url)}' needs the database driver '{name}', which is not "
             f"installed; pip install it (for PostgreSQL: pip install 'autotransfer[postgres]')"
+        ) from None
+    except ArgumentError as exc:  # e.g. a SQLite URL with a user or password
+        reason = str(exc).splitlines()[0].split(":")[0]
+        raise StorageError(
+            f"storage URL '{redact(url)}' cannot be used ({reason}); use e.g. "
+            f"{DEFAULT_STORAGE} or postgresql+psycopg://user@host/db"
         ) from None
     except (OperationalError, optuna.exceptions.StorageInternalError) as exc:
         reason = str(getattr(exc, "orig", exc)).splitlines()[0]

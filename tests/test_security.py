@@ -1,0 +1,68 @@
+"""Security: a storage password never shows (output, logs, errors, trial
+attributes, exports); plugin allow/deny lists; export paths stay inside."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from autotransfer.cli import app
+
+SECRET = "S3cretPw-7f2e"
+
+
+def _run(*args) -> tuple[int, str]:
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.stdout + result.stderr + repr(result.exception or "")
+
+
+def _files_holding(root: Path, needle: str) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and needle.encode() in p.read_bytes()]
+
+
+def test_storage_password_never_appears(
+    write_spec, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    # SQLite ignores the query (with a warning): a URL that carries a secret and works.
+    url = f"sqlite:///{tmp_path / 'study.db'}?password={SECRET}"
+    spec = write_spec(**{"train.epochs": 1, "n_trials": 1})
+    outputs = []
+    code, out = _run("search", spec, "--storage", url, "--export", tmp_path / "model", "--json")
+    assert code == 0, out
+    outputs.append(out)
+    for args in (["trials", "--storage", url], ["trials", "--storage", url, "--json"],
+                 ["export", "--storage", url, tmp_path / "model2"]):
+        code, out = _run(*args)
+        assert code == 0, out
+        outputs.append(out)
+    # Errors: every way a URL with a password can be refused.
+    bad_urls = [
+        f"sqlite://scott:{SECRET}@/relative.db",  # SQLite takes no password
+        f"postgresql+psycopg://scott:{SECRET}@127.0.0.1:1/db",  # no driver, or refused
+        f"mysql://scott:{SECRET}@127.0.0.1:1/db",
+        f"foo://scott:{SECRET}@host/db",  # unknown scheme
+        f"postgres//scott:{SECRET}@host/db",  # not a URL at all
+        f"sqlite:///{tmp_path}/no/such/dir/s.db?token={SECRET}",
+    ]
+    for bad in bad_urls:
+        for args in (["search", spec], ["trials"]):
+            code, out = _run(*args, "--storage", bad)
+            assert code == 2, (bad, out)
+            assert "***" in out or "no/such/dir" in out, out
+            outputs.append(out)
+    # A spec that names a storage URL (not a spec key) does not echo it.
+    secret_spec = write_spec(storage=f"postgresql://u:{SECRET}@h/db")
+    code, out = _run("search", secret_spec, "--storage", url)
+    assert code == 2 and "storage: unknown key" in out, out
+    outputs.append(out)
+
+    leaks = [o for o in outputs if SECRET in o]
+    assert not leaks, leaks[0]
+    assert SECRET not in caplog.text
+    # Trial and study attributes, checkpoints, the export (config, model card).
+    assert _files_holding(tmp_path, SECRET) == [secret_spec]  # only the user's own file
+    assert (tmp_path / "model" / "config.json").exists()
