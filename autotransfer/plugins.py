@@ -4,7 +4,10 @@ Built-in families (``timm``) are entry points of the ``autotransfer``
 distribution itself, loaded by the same code as third-party plugins. Callers use
 :class:`PluginHost` (typed methods); nothing else touches ``pm.hook``.
 
-Set ``AUTOTRANSFER_DISABLE_PLUGIN_AUTOLOAD=1`` to load the built-ins only. A
+Set ``AUTOTRANSFER_DISABLE_PLUGIN_AUTOLOAD=1`` to load the built-ins only;
+``AUTOTRANSFER_PLUGINS_ALLOW`` / ``AUTOTRANSFER_PLUGINS_DENY`` (comma-separated
+entry-point names) choose which third-party plugins load; a refused plugin is
+never imported. A
 plugin that fails to import is reported (``autotransfer plugins``) and the others
 keep working.
 """
@@ -25,6 +28,8 @@ from autotransfer.spec import BackboneRef
 
 ENTRY_POINT_GROUP = "autotransfer"
 DISABLE_AUTOLOAD_ENV = "AUTOTRANSFER_DISABLE_PLUGIN_AUTOLOAD"
+ALLOW_ENV = "AUTOTRANSFER_PLUGINS_ALLOW"
+DENY_ENV = "AUTOTRANSFER_PLUGINS_DENY"
 BUILTIN_DISTRIBUTION = "autotransfer"
 
 
@@ -61,6 +66,10 @@ class PluginHost:
             version = ep.dist.version if ep.dist else "?"
             builtin = dist == BUILTIN_DISTRIBUTION
             if not builtin and not autoload:
+                continue
+            skipped = None if builtin else _policy_refuses(ep.name)
+            if skipped:  # never imported: its code does not run
+                host.plugins.append(PluginInfo(ep.name, dist, version, builtin, error=skipped))
                 continue
             try:
                 module = ep.load()
@@ -114,6 +123,28 @@ class PluginHost:
         )
         backbone.plugin = backbone.plugin or self.family_plugins[ref.family]
         return backbone
+
+
+def _names(env: str) -> set[str] | None:
+    value = os.environ.get(env)
+    if value is None or not value.strip():
+        return None
+    return {n.strip() for n in value.split(",") if n.strip()}
+
+
+def _policy_refuses(name: str) -> str | None:
+    """Why the third-party plugin ``name`` must not load (allow/deny lists), or None.
+
+    ``AUTOTRANSFER_PLUGINS_DENY`` (comma-separated entry-point names) wins over
+    ``AUTOTRANSFER_PLUGINS_ALLOW``; with an allow list set, only the plugins it
+    names load. Built-in plugins are not subject to either list.
+    """
+    deny, allow = _names(DENY_ENV), _names(ALLOW_ENV)
+    if deny is not None and name in deny:
+        return f"not loaded: denied by {DENY_ENV}"
+    if allow is not None and name not in allow:
+        return f"not loaded: not in {ALLOW_ENV} ({', '.join(sorted(allow))})"
+    return None
 
 
 @functools.cache

@@ -66,3 +66,57 @@ def test_storage_password_never_appears(
     # Trial and study attributes, checkpoints, the export (config, model card).
     assert _files_holding(tmp_path, SECRET) == [secret_spec]  # only the user's own file
     assert (tmp_path / "model" / "config.json").exists()
+
+
+# ---------------------------------------------------------------- plugins
+
+
+class _FakeEntryPoint:
+    """A third-party entry point; ``load`` records that its code ran."""
+
+    def __init__(self, name: str, loaded: list[str]) -> None:
+        import types
+
+        self.name, self.group, self._loaded = name, "autotransfer", loaded
+        self.dist = types.SimpleNamespace(name=f"autotransfer-{name}", version="1.0")
+        self._module = types.ModuleType(f"fake_{name}")
+
+    def load(self):
+        self._loaded.append(self.name)
+        return self._module
+
+
+@pytest.mark.parametrize(
+    ("allow", "deny", "expected"),
+    [
+        (None, None, ["alpha", "beta"]),
+        ("alpha", None, ["alpha"]),
+        (None, "beta", ["alpha"]),
+        ("alpha,beta", " beta ,", ["alpha"]),  # deny wins; spaces and empties ignored
+        ("", "", ["alpha", "beta"]),  # empty means unset
+    ],
+)
+def test_plugin_allow_and_deny_lists(monkeypatch, allow, deny, expected) -> None:
+    import autotransfer.plugins as plugins
+
+    real = plugins.entry_points(group=plugins.ENTRY_POINT_GROUP)
+    loaded: list[str] = []
+    fakes = [_FakeEntryPoint("alpha", loaded), _FakeEntryPoint("beta", loaded)]
+    monkeypatch.setattr(plugins, "entry_points", lambda group: [*real, *fakes])
+    for env, value in ((plugins.ALLOW_ENV, allow), (plugins.DENY_ENV, deny)):
+        if value is None:
+            monkeypatch.delenv(env, raising=False)
+        else:
+            monkeypatch.setenv(env, value)
+    monkeypatch.delenv(plugins.DISABLE_AUTOLOAD_ENV, raising=False)
+    host = plugins.PluginHost.load()
+    assert loaded == expected  # a refused plugin is never imported
+    info = {p.name: p for p in host.plugins}
+    for name in {"alpha", "beta"} - set(expected):
+        assert info[name].error is not None and "not loaded" in info[name].error
+    assert "timm" in host.families  # built-ins are not subject to the lists
+
+    monkeypatch.setenv(plugins.DISABLE_AUTOLOAD_ENV, "1")  # built-ins only
+    loaded.clear()
+    plugins.PluginHost.load()
+    assert loaded == []
