@@ -22,6 +22,7 @@ from typing import Any
 
 import optuna
 import pytest
+from _browser import browser_or_skip, page_errors, requests_made
 from _report_helpers import make_study
 from typer.testing import CliRunner
 
@@ -112,6 +113,33 @@ def test_dashboard_serves_the_study(tmp_path: Path, dashboard_for: Any) -> None:
     # The web page itself is served too.
     with urllib.request.urlopen(f"{base}/dashboard", timeout=10) as r:
         assert r.status == 200 and b'id="dashboard"' in r.read()
+
+    # ... and works in a real browser: the study page draws its history plot from
+    # the API, logs no error and fetches nothing from outside this machine.
+    browser = browser_or_skip(tmp_path / "chromium-profile")
+    try:
+        start = len(browser.events)
+        browser.load(f"{base}/dashboard/studies/{studies[0]['study_id']}")
+        plots = browser.eval(
+            """new Promise(resolve => {
+                const t0 = Date.now();
+                (function poll() {
+                    const n = document.querySelectorAll('.js-plotly-plot .scatterlayer .point')
+                        .length;
+                    if (n > 0 || Date.now() - t0 > 15000) resolve(n); else setTimeout(poll, 100);
+                })();
+            })"""
+        )
+        events = browser.events[start:]
+        text = browser.eval("document.body.innerText")
+    finally:
+        browser.close()
+    assert plots > 0
+    assert "synthetic" in text
+    assert page_errors(events) == []
+    remote = [u for u in requests_made(events)
+              if not u.startswith((base, "data:", "blob:"))]
+    assert remote == []
 
 
 def test_dashboard_binds_loopback_unless_allowed(tmp_path: Path) -> None:
