@@ -120,3 +120,47 @@ def test_plugin_allow_and_deny_lists(monkeypatch, allow, deny, expected) -> None
     loaded.clear()
     plugins.PluginHost.load()
     assert loaded == []
+
+
+# ------------------------------------------------------------ paths stay inside
+
+
+@pytest.mark.parametrize(
+    "artifact_id",
+    ["../outside", "../../etc/passwd", "/etc/passwd", "..%2f..%2foutside", "%2e%2e",
+     "a/../../b", "..\\\\outside", "", 42],
+)
+def test_a_tampered_checkpoint_id_is_not_read(artifact_id, plugin_host, tmp_path: Path) -> None:
+    import optuna
+
+    from autotransfer.checkpoints import load_trial_backbone
+    from autotransfer.exceptions import StorageError
+    from autotransfer.storage import artifact_store
+
+    key = "timm:test_resnet@none"
+    trial = optuna.trial.create_trial(
+        value=1.0, params={"backbone": key},
+        distributions={"backbone": optuna.distributions.CategoricalDistribution([key])},
+        user_attrs={"checkpoint": artifact_id})
+    (tmp_path / "outside").write_bytes(b"not for you")
+    store = artifact_store(tmp_path / "store")
+    with pytest.raises(StorageError, match="is not an artifact id"):
+        load_trial_backbone(trial, plugin_host, store, num_classes=3, image_size=32)
+
+
+@pytest.mark.parametrize("kind", ["to an outside dir", "dangling", "to the parent"])
+def test_export_to_a_symlink_is_refused(kind: str, tmp_path: Path) -> None:
+    from autotransfer.exceptions import ExportError
+    from autotransfer.export import check_target
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    inside = tmp_path / "work"
+    inside.mkdir()
+    link = inside / "model"
+    target = {"to an outside dir": outside, "dangling": tmp_path / "gone",
+              "to the parent": inside}[kind]
+    link.symlink_to(target, target_is_directory=True)
+    with pytest.raises(ExportError, match="symbolic link"):
+        check_target(link)
+    assert list(outside.iterdir()) == []
