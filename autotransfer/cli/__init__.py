@@ -92,6 +92,11 @@ def _register() -> None:
     app.command("report")(report.report)
     app.command("dashboard")(dashboard.dashboard)
 
+    from autotransfer.cli import backbones, plugins
+
+    app.command("backbones")(backbones.backbones)
+    app.command("plugins")(plugins.plugins)
+
 
 _register()
 

@@ -1,0 +1,1 @@
+"""Test helpers shipped with autotransfer, for plugin authors (needs pytest)."""

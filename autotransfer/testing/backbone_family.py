@@ -1,0 +1,300 @@
+"""A conformance suite for backbone families, shipped for plugin authors.
+
+Like ``optuna.testing.pytest_storages``: import the tests into a test module of
+your plugin and give them a ``backbone_case`` fixture, parametrized over the
+models to check::
+
+    import pytest
+    from autotransfer.testing.backbone_family import *  # noqa: F403  (the tests)
+    from autotransfer.testing.backbone_family import BackboneCase
+
+    from my_plugin import MyFamily
+
+    @pytest.fixture(params=["small", "medium"], scope="module")
+    def backbone_case(request):
+        return BackboneCase(MyFamily, request.param, image_size=32)
+
+Each test builds the backbone on the CPU with ``weights="none"`` (random init:
+no downloads) unless the case names other weights, and checks the contract of
+:class:`autotransfer.backbones.Backbone`: forward and backward, blocks that cover
+every trunk parameter exactly once and leave out the head, freezing the first k
+blocks (:func:`autotransfer.freeze.freeze`), a head resized to ``num_classes``,
+``classify(features(x)) == model(x)`` in eval mode, valid preprocessing. A case
+is built once per test session and deep-copied for each test.
+
+The ``check_*`` functions are the same checks as plain functions, for use
+outside pytest (``check_all(case)``).
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autotransfer.backbones import Backbone, BackboneFamily
+from autotransfer.freeze import freeze, freeze_depth, train_mode
+
+INTERPOLATIONS = frozenset({"nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"})
+
+__all__ = [
+    "BackboneCase",
+    "check_all",
+    "test_backward_reaches_every_block",
+    "test_blocks_cover_trunk_exactly_once",
+    "test_builds",
+    "test_features_classify_match_model",
+    "test_forward_cpu",
+    "test_freezing_k_blocks",
+    "test_head_reset_changes_output_size",
+    "test_list_models_filter",
+    "test_preprocessing_is_valid",
+]
+
+
+@dataclass(frozen=True)
+class BackboneCase:
+    """One model of a family to check.
+
+    Attributes:
+        family: the family class (or instance), or its name as installed
+            (looked up through the plugin host, i.e. the entry point).
+        model: the model name (the part after ``family:``).
+        weights: ``none`` by default: tests must not download.
+        image_size: input side; keep it small.
+        num_classes: classes of the test head.
+        batch: batch size of the test inputs.
+        atol: tolerance of the ``classify(features(x)) == model(x)`` check.
+    """
+
+    family: type[BackboneFamily] | BackboneFamily | str
+    model: str
+    weights: str = "none"
+    image_size: int = 32
+    num_classes: int = 3
+    batch: int = 2
+    atol: float = 1e-4
+
+    @property
+    def id(self) -> str:
+        return f"{self.family_instance().name}:{self.model}@{self.weights}"
+
+    def family_instance(self) -> BackboneFamily:
+        if isinstance(self.family, BackboneFamily):
+            return self.family
+        if isinstance(self.family, str):
+            from autotransfer.plugins import get_plugin_host
+
+            return get_plugin_host().family(self.family)
+        return self.family()
+
+    def build(self, num_classes: int | None = None) -> Backbone:
+        """A fresh backbone (built once per session, then deep-copied)."""
+        return copy.deepcopy(_build(self, num_classes or self.num_classes))
+
+    def inputs(self, seed: int = 0) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(self.batch, 3, self.image_size, self.image_size, generator=g)
+
+
+@functools.cache
+def _build(case: BackboneCase, num_classes: int) -> Backbone:
+    torch.manual_seed(0)
+    return case.family_instance().build(
+        case.model, weights=case.weights, num_classes=num_classes, image_size=case.image_size
+    )
+
+
+def _params(model: nn.Module) -> dict[str, nn.Parameter]:
+    return dict(model.named_parameters())
+
+
+# -- the checks ---------------------------------------------------------------
+
+
+def check_builds(case: BackboneCase) -> None:
+    b = case.build()
+    family = case.family_instance()
+    assert isinstance(b, Backbone), f"build() returned {type(b).__name__}, not Backbone"
+    assert b.name == f"{family.name}:{case.model}", f"name {b.name!r} is not family:model"
+    assert b.weights == case.weights
+    assert isinstance(b.model, nn.Module)
+    assert b.blocks, "a backbone needs at least one trunk block"
+    assert all(b.blocks), "empty block"
+    assert b.head, "no head parameters"
+    assert b.num_features > 0
+    assert family.modality in ("image", "text")
+
+
+def check_forward_cpu(case: BackboneCase) -> None:
+    b = case.build()
+    b.model.train()
+    y = b.model(case.inputs())
+    assert isinstance(y, torch.Tensor), f"model(x) returned {type(y).__name__}, not logits"
+    assert y.shape == (case.batch, case.num_classes), f"logits shape {tuple(y.shape)}"
+    assert torch.isfinite(y).all()
+
+
+def check_backward_reaches_every_block(case: BackboneCase) -> None:
+    b = case.build()
+    b.model.train()
+    y = b.model(case.inputs())
+    F.cross_entropy(y, torch.arange(case.batch) % case.num_classes).backward()
+    params = _params(b.model)
+    for name in b.head:
+        assert params[name].grad is not None, f"head parameter {name} got no gradient"
+    for i, block in enumerate(b.blocks):
+        assert any(params[n].grad is not None for n in block), f"block {i} got no gradient"
+
+
+def check_blocks_cover_trunk_exactly_once(case: BackboneCase) -> None:
+    b = case.build()
+    names = list(_params(b.model))
+    flat = [n for block in b.blocks for n in block]
+    unknown = sorted(set(flat + b.head) - set(names))
+    assert not unknown, f"not parameters of the model: {unknown[:5]}"
+    dupes = sorted({n for n in flat if flat.count(n) > 1})
+    assert not dupes, f"in more than one block: {dupes[:5]}"
+    in_head = sorted(set(flat) & set(b.head))
+    assert not in_head, f"head parameters in blocks: {in_head[:5]}"
+    missing = [n for n in names if n not in set(flat) | set(b.head)]
+    assert not missing, f"trunk parameters in no block: {missing[:5]}"
+
+
+def check_freezing_k_blocks(case: BackboneCase) -> None:
+    n = len(case.build().blocks)
+    for k in sorted({0, 1, freeze_depth(0.5, n), n}):
+        b = case.build()
+        frozen_norms = freeze(b.model, b.blocks, k)
+        frozen = {name for block in b.blocks[:k] for name in block}
+        params = _params(b.model)
+        for name, p in params.items():
+            assert p.requires_grad == (name not in frozen), f"k={k}: {name} requires_grad wrong"
+        before = {name: params[name].detach().clone() for name in frozen}
+        buffers = {
+            name: t.clone()
+            for m in frozen_norms
+            for name, t in m.named_buffers()
+            if t.is_floating_point()
+        }
+        train_mode(b.model, frozen_norms)
+        opt = torch.optim.SGD([p for p in b.model.parameters() if p.requires_grad], lr=0.1)
+        y = b.model(case.inputs())
+        F.cross_entropy(y, torch.arange(case.batch) % case.num_classes).backward()
+        opt.step()
+        for name in frozen:
+            assert params[name].grad is None, f"k={k}: frozen {name} got a gradient"
+            assert torch.equal(params[name], before[name]), f"k={k}: frozen {name} changed"
+        after = {
+            name: t for m in frozen_norms for name, t in m.named_buffers() if t.is_floating_point()
+        }
+        for name, t in buffers.items():
+            assert torch.equal(t, after[name]), f"k={k}: frozen norm statistics {name} changed"
+        assert any(params[h].grad is not None for h in b.head), "head must stay trainable"
+
+
+def check_head_reset_changes_output_size(case: BackboneCase) -> None:
+    other = case.num_classes + 4
+    small, large = case.build(), case.build(other)
+    x = case.inputs()
+    small.model.eval()
+    large.model.eval()
+    with torch.no_grad():
+        assert small.model(x).shape == (case.batch, case.num_classes)
+        assert large.model(x).shape == (case.batch, other)
+    p_small, p_large = _params(small.model), _params(large.model)
+    assert small.head == large.head, "head parameter names depend on num_classes"
+    assert sum(p_small[n].numel() for n in small.head) < sum(p_large[n].numel() for n in large.head)
+    assert [len(b) for b in small.blocks] == [len(b) for b in large.blocks]
+
+
+def check_features_classify_match_model(case: BackboneCase) -> None:
+    b = case.build()
+    b.model.eval()
+    x = case.inputs()
+    with torch.no_grad():
+        logits = b.model(x)
+        feats = b.features(b.model, x)
+        again = b.classify(b.model, feats)
+    assert feats.shape == (case.batch, b.num_features), (
+        f"features shape {tuple(feats.shape)}, expected ({case.batch}, {b.num_features})"
+    )
+    assert torch.allclose(again, logits, atol=case.atol), (
+        f"classify(features(x)) differs from model(x) by {(again - logits).abs().max():.2e}"
+    )
+
+
+def check_preprocessing_is_valid(case: BackboneCase) -> None:
+    pre = case.build().preprocessing
+    assert len(pre.mean) == 3 and len(pre.std) == 3, "mean/std need 3 channels"
+    assert all(0.0 <= m <= 1.0 and math.isfinite(m) for m in pre.mean), f"mean {pre.mean}"
+    assert all(0.0 < s <= 1.0 and math.isfinite(s) for s in pre.std), f"std {pre.std}"
+    assert pre.interpolation in INTERPOLATIONS, f"interpolation {pre.interpolation!r}"
+
+
+def check_list_models_filter(case: BackboneCase) -> None:
+    family = case.family_instance()
+    names = family.list_models()
+    assert all(isinstance(n, str) for n in names)
+    if not names:  # an open-ended family (a hub): nothing to list
+        return
+    assert case.model in names, f"{case.model} is built but not listed"
+    assert case.model in family.list_models(case.model)
+    pattern = case.model[:2] + "*"
+    assert set(family.list_models(pattern)) == {n for n in names if fnmatch.fnmatch(n, pattern)}
+
+
+def check_all(case: BackboneCase) -> None:
+    """Every check, in order; raises AssertionError at the first failure."""
+    for check in (
+        check_builds, check_forward_cpu, check_backward_reaches_every_block,
+        check_blocks_cover_trunk_exactly_once, check_freezing_k_blocks,
+        check_head_reset_changes_output_size, check_features_classify_match_model,
+        check_preprocessing_is_valid, check_list_models_filter,
+    ):
+        check(case)
+
+
+# -- the tests (need a ``backbone_case`` fixture) -------------------------------
+
+
+def test_builds(backbone_case: BackboneCase) -> None:
+    check_builds(backbone_case)
+
+
+def test_forward_cpu(backbone_case: BackboneCase) -> None:
+    check_forward_cpu(backbone_case)
+
+
+def test_backward_reaches_every_block(backbone_case: BackboneCase) -> None:
+    check_backward_reaches_every_block(backbone_case)
+
+
+def test_blocks_cover_trunk_exactly_once(backbone_case: BackboneCase) -> None:
+    check_blocks_cover_trunk_exactly_once(backbone_case)
+
+
+def test_freezing_k_blocks(backbone_case: BackboneCase) -> None:
+    check_freezing_k_blocks(backbone_case)
+
+
+def test_head_reset_changes_output_size(backbone_case: BackboneCase) -> None:
+    check_head_reset_changes_output_size(backbone_case)
+
+
+def test_features_classify_match_model(backbone_case: BackboneCase) -> None:
+    check_features_classify_match_model(backbone_case)
+
+
+def test_preprocessing_is_valid(backbone_case: BackboneCase) -> None:
+    check_preprocessing_is_valid(backbone_case)
+
+
+def test_list_models_filter(backbone_case: BackboneCase) -> None:
+    check_list_models_filter(backbone_case)

@@ -1,0 +1,64 @@
+"""The shipped conformance suite (autotransfer.testing.backbone_family) run on the
+built-in families: timm's test models, small torchvision models, tiny random-init
+Hugging Face configs. The toy plugin runs it in test_plugins.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from autotransfer.backbones.timm_family import TimmFamily
+from autotransfer.backbones.torchvision_family import TorchvisionFamily
+from autotransfer.testing.backbone_family import *  # noqa: F403  (the suite's tests)
+from autotransfer.testing.backbone_family import BackboneCase
+
+CASES = [
+    ("timm", "test_efficientnet"),
+    ("timm", "test_resnet"),
+    ("timm", "test_vit"),
+    ("torchvision", "resnet18"),
+    ("torchvision", "mobilenet_v3_small"),
+    ("torchvision", "vit_b_16"),  # 86 M parameters, but 32 px: 4 patches
+    ("hf", "vit"),
+    ("hf", "convnext"),
+]
+
+
+def save_tiny_hf_models(root: Path) -> dict[str, Path]:
+    """Tiny random-init ViT and ConvNeXt saved with save_pretrained, plus a
+    preprocessor config (mean/std 0.5): model directories that load offline."""
+    from transformers import AutoModel, ConvNextConfig, ViTConfig, ViTImageProcessor
+
+    configs = {
+        "vit": ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, image_size=32, patch_size=8),
+        "convnext": ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2),
+    }
+    dirs = {}
+    for name, config in configs.items():
+        path = root / name
+        AutoModel.from_config(config).save_pretrained(path)
+        ViTImageProcessor(image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(path)
+        dirs[name] = path
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def hf_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    pytest.importorskip("transformers")
+    return save_tiny_hf_models(tmp_path_factory.mktemp("hf-models"))
+
+
+@pytest.fixture(params=CASES, ids=[f"{f}:{m}" for f, m in CASES], scope="module")
+def backbone_case(request: pytest.FixtureRequest) -> BackboneCase:
+    family, model = request.param
+    if family == "timm":
+        return BackboneCase(TimmFamily, model, image_size=32)
+    if family == "torchvision":
+        return BackboneCase(TorchvisionFamily, model, image_size=32)
+    from autotransfer.backbones.hf_family import HFFamily
+
+    path = request.getfixturevalue("hf_model_dirs")[model]
+    # The directory is the model and its weights: hf:<dir> loads it offline.
+    return BackboneCase(HFFamily, str(path), weights="pretrained", image_size=32)
