@@ -52,12 +52,30 @@ def test_torchvision_errors_teach() -> None:
         family.build("resnet18", weights="/nonexistent/w.pth", num_classes=3, image_size=32)
 
 
+def test_torchvision_vit_blocks_and_features() -> None:
+    """vit_b_16 at 32 px (4 patches): stem = conv_proj + class token + position
+    embedding, one block per encoder layer, the final ln; features are the CLS token."""
+    from autotransfer.testing.backbone_family import (
+        BackboneCase,
+        check_blocks_cover_trunk_exactly_once,
+        check_features_classify_match_model,
+    )
+
+    case = BackboneCase(TorchvisionFamily, "vit_b_16", image_size=32)
+    b = case.build()
+    assert {"class_token", "encoder.pos_embedding", "conv_proj.weight"} <= set(b.blocks[0])
+    assert len(b.blocks) == 1 + 12 + 1 and b.blocks[-1] == ["encoder.ln.weight", "encoder.ln.bias"]
+    assert b.head == ["heads.head.weight", "heads.head.bias"]
+    check_blocks_cover_trunk_exactly_once(case)
+    check_features_classify_match_model(case)
+
+
 def test_hf_weights_sources(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     from safetensors.torch import save_file
+    from test_backbone_conformance import save_tiny_hf_models
 
     from autotransfer.backbones.hf_family import HFFamily
-    from test_backbone_conformance import save_tiny_hf_models
 
     vit = save_tiny_hf_models(tmp_path)["vit"]
     family = HFFamily()

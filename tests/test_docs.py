@@ -31,7 +31,7 @@ def test_hookspecs_exist_and_are_named_by_convention() -> None:
 
 def test_every_hookspec_is_documented_with_its_signature() -> None:
     text = DOC.read_text(encoding="utf-8")
-    for name, signature in _hookspecs().items():
+    for _name, signature in _hookspecs().items():
         assert f"### `{signature}`" in text, f"docs/plugins.md lacks the heading ### `{signature}`"
 
 

@@ -186,7 +186,8 @@ def broken_dist(tmp_path: Path, monkeypatch) -> str:
     """A real (temporary) installed distribution whose entry point cannot import."""
     info = tmp_path / "autotransfer_broken-0.3.dist-info"
     info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: autotransfer-broken\nVersion: 0.3\n")
+    meta = "Metadata-Version: 2.1\nName: autotransfer-broken\nVersion: 0.3\n"
+    (info / "METADATA").write_text(meta)
     (info / "entry_points.txt").write_text("[autotransfer]\nbroken = autotransfer_broken_missing\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     return "broken"

@@ -36,7 +36,7 @@ from autotransfer.backbones._base import Backbone, BackboneFamily, Preprocessing
 from autotransfer.backbones._util import blocks_from_paths, expand, param_names
 from autotransfer.exceptions import BackboneError
 from autotransfer.hookspecs import hookimpl
-from autotransfer.weights import TORCH_SUFFIXES, SAFE_SUFFIXES, load_state_dict_file
+from autotransfer.weights import SAFE_SUFFIXES, TORCH_SUFFIXES, load_state_dict_file
 
 IMAGENET = Preprocessing(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 CLS_TOKEN_TYPES = frozenset({"vit", "deit", "vit_msn"})
@@ -160,7 +160,9 @@ class HFFamily(BackboneFamily):
         model_dir = Path(model).expanduser()
         weights_path = Path(weights).expanduser() if weights not in ("pretrained", "none") else None
         if weights == "packaged":
-            raise BackboneError(f"no packaged weights for {ref}; use 'pretrained', 'none' or a local dir")
+            raise BackboneError(
+                f"no packaged weights for {ref}; use 'pretrained', 'none' or a local dir"
+            )
         if weights_path is not None and not weights_path.exists():
             raise BackboneError(
                 f"weights '{weights}' not found; use 'pretrained', 'none', a local model "

@@ -93,7 +93,10 @@ def _linear_head_squeezenet(net: nn.Module) -> None:
     conv = net.classifier[1]
     dropout = net.classifier[0]
     net.classifier = nn.Sequential(
-        dropout, nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(conv.in_channels, conv.out_channels)
+        dropout,
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(1),
+        nn.Linear(conv.in_channels, conv.out_channels),
     )
 
 
@@ -102,12 +105,12 @@ def _blocks(net: nn.Module, head: set[str]) -> list[list[str]]:
 
     if isinstance(net, VisionTransformer):
         stem = param_names(net, "conv_proj") + ["class_token", "encoder.pos_embedding"]
-        paths = ["conv_proj"] + [f"encoder.layers.{n}" for n, _ in net.encoder.layers.named_children()]
+        paths = ["conv_proj"] + [
+            f"encoder.layers.{n}" for n, _ in net.encoder.layers.named_children()
+        ]
         paths += ["encoder.ln"] + (["heads.pre_logits"] if hasattr(net.heads, "pre_logits") else [])
         return blocks_from_paths(net, paths, head, first=stem)
-    trunk = next(
-        (a for a in TRUNK_ATTRS if isinstance(getattr(net, a, None), nn.Sequential)), None
-    )
+    trunk = next((a for a in TRUNK_ATTRS if isinstance(getattr(net, a, None), nn.Sequential)), None)
     if trunk is not None:
         paths: list[str] = []
         for name, child in net.named_children():
@@ -120,7 +123,9 @@ def _blocks(net: nn.Module, head: set[str]) -> list[list[str]]:
     return blocks_from_paths(net, paths, head)
 
 
-def _load(net: nn.Module, state: dict[str, torch.Tensor], head_path: str, ref: str, weights: str) -> None:
+def _load(
+    net: nn.Module, state: dict[str, torch.Tensor], head_path: str, ref: str, weights: str
+) -> None:
     from torchvision.models import VisionTransformer
 
     own = net.state_dict()
@@ -179,7 +184,8 @@ class TorchvisionFamily(BackboneFamily):
             patch = int(model.rsplit("_", 1)[1])
             if image_size % patch:
                 raise BackboneError(
-                    f"{ref} needs an image size divisible by its patch size {patch}, got {image_size}"
+                    f"{ref} needs an image size divisible by its patch size {patch}, "
+                    f"got {image_size}"
                 )
         state: dict[str, torch.Tensor] | None = None
         if weights == "pretrained":

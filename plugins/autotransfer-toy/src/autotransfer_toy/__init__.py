@@ -7,9 +7,9 @@ import fnmatch
 import torch
 from torch import nn
 
-from autotransfer.hookspecs import hookimpl
 from autotransfer.backbones import Backbone, BackboneFamily, Preprocessing
 from autotransfer.exceptions import BackboneError
+from autotransfer.hookspecs import hookimpl
 
 __version__ = "0.1.0"
 
@@ -68,7 +68,9 @@ class ToyFamily(BackboneFamily):
             name=f"toy:{model}",
             weights=weights,
             model=net,
-            blocks=[[n for n in names if n.startswith(f"stages.{i}.")] for i in range(len(net.stages))],
+            blocks=[
+                [n for n in names if n.startswith(f"stages.{i}.")] for i in range(len(net.stages))
+            ],
             head=["fc.weight", "fc.bias"],
             features=_features,
             classify=_classify,
