@@ -12,7 +12,7 @@ import optuna
 from autotransfer import __version__
 from autotransfer.exceptions import SpecError, StorageError
 from autotransfer.spec import StudySpec
-from autotransfer.storage import open_storage
+from autotransfer.storage import open_storage, redact
 
 SPEC_ATTR = "spec"
 ARTIFACTS_ATTR = "artifacts"
@@ -110,6 +110,11 @@ def load_study(storage_url: str, study_name: str | None) -> optuna.Study:
     """
     storage = open_storage(storage_url)
     names = [s.study_name for s in storage.get_all_studies()]
+    if study_name is None and not names:
+        raise StorageError(
+            f"storage '{redact(storage_url)}' holds no study; run `autotransfer search` "
+            "first, or give the --storage of an existing one"
+        )
     if study_name is None:
         if len(names) != 1:
             listed = ", ".join(names) if names else "none"

@@ -405,3 +405,11 @@ def test_a_text_file_given_as_data(name: str, write_spec, tmp_path: Path, storag
     assert_bad_input(invoke("search", write_spec(), "--data", text, "--storage", storage_url),
                      name, "is a file")
     assert stored() == before
+
+
+@pytest.mark.parametrize("command", [["trials"], ["export", "out"]])
+def test_empty_storage(command: list, storage_url: str, tmp_path: Path) -> None:
+    args = [tmp_path / a if a == "out" else a for a in command]
+    assert_bad_input(invoke(*args, "--storage", storage_url), "holds no study",
+                     "autotransfer search")
+    assert not (tmp_path / "out").exists()
