@@ -86,14 +86,13 @@ def search(
         from autotransfer.export import check_target
 
         check_target(export)  # refuse a bad export path before the search, not after
-        if artifacts is not None and (
-            export.resolve() == artifacts.resolve() or artifacts.resolve() in export.resolve().parents
-        ):
+        target = export.resolve()
+        if artifacts is not None and artifacts.resolve() in (target, *target.parents):
             from autotransfer.exceptions import UserInputError
 
             raise UserInputError(
-                f"--export '{export}' is inside --artifacts '{artifacts}' (the trial checkpoints); "
-                "give an export directory outside it"
+                f"--export '{export}' is inside --artifacts '{artifacts}' (the trial "
+                "checkpoints); give an export directory outside it"
             )
     outcome = run_search(
         resolved, storage, artifacts, Progress(epochs=resolved.train.epochs)
