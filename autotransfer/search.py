@@ -97,10 +97,19 @@ def run_search(
         timeout=spec.timeout,
         catch=(TrialError,),
         gc_after_trial=True,
+        callbacks=[release_cached_memory],
     )
     best = best_trial(study)
     test = evaluate_best_on_test(study, best, host, store, splits, spec)
     return SearchOutcome(study, best, test, len(study.trials) - before)
+
+
+def release_cached_memory(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """After each trial (Optuna has run ``gc.collect()`` by then): hand the CUDA
+    allocator's cached blocks back, so an out-of-memory trial does not leave the
+    next one short."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:

@@ -315,3 +315,44 @@ def test_every_trial_failing_exits_1_and_exports_nothing(
     assert result.stdout == ""
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(("model", ".model"))]
+
+
+def test_cuda_cache_is_released_after_each_trial(monkeypatch) -> None:
+    from autotransfer.search import release_cached_memory
+
+    calls: list[str] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    release_cached_memory(None, None)  # type: ignore[arg-type]
+    assert calls == ["empty_cache"]
+
+
+def test_free_memory_collects_and_empties_the_cuda_cache(monkeypatch) -> None:
+    import autotransfer.training as training
+
+    events: list[str] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: events.append("empty_cache"))
+    monkeypatch.setattr(training.gc, "collect", lambda: events.append("gc") or 0)
+    training.free_memory()
+    assert events == ["gc", "empty_cache"]
+
+
+def test_oom_frees_memory_after_dropping_the_exception(
+    plugin_host, tiny_spec, tiny_splits, tmp_path: Path, monkeypatch
+) -> None:
+    """A kept exception pins the batch's activations (its traceback's frames):
+    memory is freed outside the ``except`` block, before the retry."""
+    import sys
+
+    import autotransfer.training as training
+
+    states: list[object] = []
+    real = training.free_memory
+    monkeypatch.setattr(training, "free_memory",
+                        lambda: states.append(sys.exc_info()[1]) or real())
+    _oom_host(plugin_host, monkeypatch, limit=4)
+    study = _optimize(tiny_spec(**{"train.epochs": 1}), tiny_splits, plugin_host, tmp_path,
+                      dict(GOOD, freeze=0.4))
+    assert study.trials[0].state == optuna.trial.TrialState.COMPLETE
+    assert states == [None]  # one OOM (8 -> 4), handled with no live exception
