@@ -35,7 +35,8 @@ def test_storage_password_never_appears(
     assert code == 0, out
     outputs.append(out)
     for args in (["trials", "--storage", url], ["trials", "--storage", url, "--json"],
-                 ["export", "--storage", url, tmp_path / "model2"]):
+                 ["export", "--storage", url, tmp_path / "model2"],
+                 ["report", "--storage", url, tmp_path / "report.html"]):
         code, out = _run(*args)
         assert code == 0, out
         outputs.append(out)
@@ -66,6 +67,7 @@ def test_storage_password_never_appears(
     # Trial and study attributes, checkpoints, the export (config, model card).
     assert _files_holding(tmp_path, SECRET) == [secret_spec]  # only the user's own file
     assert (tmp_path / "model" / "config.json").exists()
+    assert (tmp_path / "report.html").exists()
 
 
 # ---------------------------------------------------------------- plugins
