@@ -28,10 +28,12 @@ def make_sampler(spec: StudySpec, offset: int = 0) -> optuna.samplers.BaseSample
     seed = spec.seed + offset
     if spec.sampler.type == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(
-        seed=seed, n_startup_trials=spec.sampler.n_startup_trials, multivariate=True,
-        group=True, constant_liar=True,
-    )
+    with warnings.catch_warnings():  # multivariate/group are "experimental" in Optuna
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=spec.sampler.n_startup_trials, multivariate=True,
+            group=True, constant_liar=True,
+        )
 
 
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:

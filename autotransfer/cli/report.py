@@ -22,9 +22,11 @@ def report(
     storage: Storage = DEFAULT,
     study_name: StudyName = None,
 ) -> None:
-    """Write an HTML report of a study: summary, optimisation history, parameter
-    importances, accuracy per backbone, learning curves and pruning, parallel
-    coordinates and the trials table.
+    """Write an HTML report of a study (history, importances, pruning, trials).
+
+    The page has the study summary, optimisation history, parameter importances,
+    accuracy per backbone, learning curves and pruning, parallel coordinates and
+    the trials table.
 
     plotly.js is embedded, so the page opens offline. Reading a study that is
     still running is safe; run it again to refresh the page.
