@@ -118,8 +118,16 @@ class PluginHost:
     def build(self, ref: BackboneRef, *, num_classes: int, image_size: int) -> Backbone:
         """Build the backbone ``ref`` with a head for ``num_classes``."""
         family = self.family(ref.family)
+        # Remote-code options exist for the hf family only (the spec refuses them
+        # elsewhere), so other families keep the plain build signature.
+        remote = (
+            {"trust_remote_code": ref.trust_remote_code, "revision": ref.revision}
+            if ref.trust_remote_code or ref.revision
+            else {}
+        )
         backbone = family.build(
-            ref.model, weights=ref.weights, num_classes=num_classes, image_size=image_size
+            ref.model, weights=ref.weights, num_classes=num_classes, image_size=image_size,
+            **remote,
         )
         backbone.plugin = backbone.plugin or self.family_plugins[ref.family]
         return backbone

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -73,6 +74,11 @@ class BackboneRef(_Model):
 
     name: str
     weights: str = "pretrained"
+    trust_remote_code: bool = False
+    """hf only: run the repository's own modelling code. Off by default; needs a
+    pinned commit ``revision`` so the code that runs is the code you reviewed."""
+    revision: str | None = None
+    """hf only: the hub commit (40 hex digits) to load."""
 
     @field_validator("name")
     @classmethod
@@ -81,6 +87,22 @@ class BackboneRef(_Model):
         if not sep or not family or not model:
             raise ValueError(f"'{v}' is not 'family:model' (e.g. timm:resnet18)")
         return v
+
+    @model_validator(mode="after")
+    def _remote_code(self) -> BackboneRef:
+        if (self.trust_remote_code or self.revision) and self.family != "hf":
+            raise ValueError(
+                f"trust_remote_code/revision apply to hf backbones only, not '{self.name}'; remove them"
+            )
+        if self.revision is not None and not re.fullmatch(r"[0-9a-f]{40}", self.revision):
+            raise ValueError(
+                f"revision '{self.revision}' is not a commit hash; pin the 40-hex-digit commit"
+            )
+        if self.trust_remote_code and self.revision is None:
+            raise ValueError(
+                f"trust_remote_code for '{self.name}' needs a pinned commit: add revision: <40-hex sha>"
+            )
+        return self
 
     @property
     def family(self) -> str:

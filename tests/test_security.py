@@ -166,3 +166,50 @@ def test_export_to_a_symlink_is_refused(kind: str, tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="symbolic link"):
         check_target(link)
     assert list(outside.iterdir()) == []
+
+
+# --- Hugging Face remote code: off unless trusted AND pinned -----------------
+
+_SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.mark.parametrize(
+    ("backbone", "needle"),
+    [
+        ({"name": "hf:org/model", "trust_remote_code": True}, "needs a pinned commit"),
+        ({"name": "hf:org/model", "trust_remote_code": True, "revision": "main"}, "not a commit hash"),
+        ({"name": "timm:resnet18", "trust_remote_code": True, "revision": _SHA}, "hf backbones only"),
+    ],
+)
+def test_remote_code_needs_hf_and_a_pinned_commit(backbone: dict, needle: str) -> None:
+    from autotransfer.exceptions import SpecError
+    from autotransfer.spec import validate_spec
+
+    raw = {"name": "s", "data": {"path": "sklearn:digits"}, "search": {"backbones": [backbone]}}
+    with pytest.raises(SpecError, match=needle):
+        validate_spec(raw)
+
+
+def test_remote_code_is_off_by_default_and_passed_only_when_pinned(monkeypatch) -> None:
+    pytest.importorskip("transformers")
+    import transformers
+
+    from autotransfer.plugins import PluginHost
+    from autotransfer.spec import BackboneRef
+
+    seen: list[dict] = []
+
+    def fake_config(*args, **kwargs):
+        seen.append(kwargs)
+        raise OSError("offline")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", fake_config)
+    host = PluginHost.load()
+    for ref in (
+        BackboneRef(name="hf:org/model"),
+        BackboneRef(name="hf:org/model", trust_remote_code=True, revision=_SHA),
+    ):
+        with pytest.raises(Exception):
+            host.build(ref, num_classes=2, image_size=32)
+    assert seen[0].get("trust_remote_code") is False and "revision" not in seen[0]
+    assert seen[1]["trust_remote_code"] is True and seen[1]["revision"] == _SHA

@@ -152,7 +152,18 @@ class HFFamily(BackboneFamily):
         """The hub is open-ended: any repo id or local directory; nothing to list."""
         return []
 
-    def build(self, model: str, *, weights: str, num_classes: int, image_size: int) -> Backbone:
+    def build(
+        self,
+        model: str,
+        *,
+        weights: str,
+        num_classes: int,
+        image_size: int,
+        trust_remote_code: bool = False,
+        revision: str | None = None,
+    ) -> Backbone:
+        """Build an hf image model. Remote code stays off unless the spec sets
+        ``trust_remote_code`` with a pinned commit ``revision`` (checked there)."""
         _require_transformers()
         from transformers import AutoConfig, AutoModel
 
@@ -176,8 +187,11 @@ class HFFamily(BackboneFamily):
             raise BackboneError(f"model directory '{model}' not found")
         else:
             source, local = model, False
+        hub: dict[str, object] = {"trust_remote_code": trust_remote_code}
+        if revision is not None and not local:
+            hub["revision"] = revision
         try:
-            config = AutoConfig.from_pretrained(source, local_files_only=local)
+            config = AutoConfig.from_pretrained(source, local_files_only=local, **hub)
         except Exception as exc:
             raise BackboneError(self._unreachable(ref, source, local, exc)) from exc
         if not hasattr(config, "num_channels"):
@@ -191,9 +205,13 @@ class HFFamily(BackboneFamily):
         try:
             with _quiet():
                 if from_files:
-                    base = AutoModel.from_pretrained(source, local_files_only=local, **kwargs)
+                    base = AutoModel.from_pretrained(
+                        source, local_files_only=local, **hub, **kwargs
+                    )
                 else:
-                    base = AutoModel.from_config(config, **kwargs)
+                    base = AutoModel.from_config(
+                        config, trust_remote_code=trust_remote_code, **kwargs
+                    )
         except Exception as exc:
             raise BackboneError(self._unreachable(ref, source, local, exc)) from exc
         if weights_path is not None and weights_path.is_file():
