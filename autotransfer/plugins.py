@@ -14,8 +14,11 @@ keep working.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 
@@ -72,7 +75,8 @@ class PluginHost:
                 host.plugins.append(PluginInfo(ep.name, dist, version, builtin, error=skipped))
                 continue
             try:
-                module = ep.load()
+                with _installed_code_only():
+                    module = ep.load()
                 pm.register(module, name=ep.name)
             except Exception as exc:  # a broken plugin must not break the others
                 host.plugins.append(
@@ -131,6 +135,20 @@ class PluginHost:
         )
         backbone.plugin = backbone.plugin or self.family_plugins[ref.family]
         return backbone
+
+
+@contextlib.contextmanager
+def _installed_code_only() -> Iterator[None]:
+    """Load plugin modules from installed distributions only: while an entry point
+    is imported, the working directory is not on ``sys.path`` (``python -m`` puts it
+    there), so a stray ``plugin.py`` in the current folder can never be loaded."""
+    cwd = os.path.realpath(os.getcwd())
+    saved = list(sys.path)
+    sys.path[:] = [p for p in saved if p and os.path.realpath(p) != cwd]
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
 
 
 def _names(env: str) -> set[str] | None:

@@ -213,3 +213,25 @@ def test_remote_code_is_off_by_default_and_passed_only_when_pinned(monkeypatch) 
             host.build(ref, num_classes=2, image_size=32)
     assert seen[0].get("trust_remote_code") is False and "revision" not in seen[0]
     assert seen[1]["trust_remote_code"] is True and seen[1]["revision"] == _SHA
+
+
+def test_no_plugin_is_ever_loaded_from_the_working_directory(tmp_path, monkeypatch) -> None:
+    import sys
+    from importlib.metadata import EntryPoint
+
+    import autotransfer.plugins as plugins
+
+    marker = tmp_path / "ran"
+    (tmp_path / "cwd_plugin_mod.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", ["", str(tmp_path), *sys.path])
+    real = plugins.entry_points
+    fake = EntryPoint(name="cwdplugin", value="cwd_plugin_mod", group="autotransfer")
+    monkeypatch.setattr(
+        plugins, "entry_points", lambda group: [*real(group=group), fake]
+    )
+    host = plugins.PluginHost.load(autoload=True)
+    info = {p.name: p for p in host.plugins}
+    assert info["cwdplugin"].error and "ModuleNotFoundError" in info["cwdplugin"].error
+    assert not marker.exists()
+    assert "timm" in host.families  # the installed plugins still load
