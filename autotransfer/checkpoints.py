@@ -78,7 +78,7 @@ def load_trial_backbone(
             "choose a COMPLETE trial (see `autotransfer trials`)"
         )
     _check_artifact_id(trial.number, artifact_id)
-    ref = BackboneRef.model_validate(_split_key(trial.params["backbone"]))
+    ref = BackboneRef.parse(trial.params["backbone"])
     family = host.family(ref.family)
     build_weights = "none" if "none" in family.weights_sources else ref.weights
     backbone = host.build(
@@ -112,8 +112,3 @@ def _check_artifact_id(number: int, artifact_id: object) -> None:
             "(letters, digits, '-' and '_' only); the study database was altered, so it is "
             "not read"
         )
-
-
-def _split_key(key: str) -> dict[str, str]:
-    name, _, weights = key.partition("@")
-    return {"name": name, "weights": weights}

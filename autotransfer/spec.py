@@ -92,7 +92,8 @@ class BackboneRef(_Model):
     def _remote_code(self) -> BackboneRef:
         if (self.trust_remote_code or self.revision) and self.family != "hf":
             raise ValueError(
-                f"trust_remote_code/revision apply to hf backbones only, not '{self.name}'; remove them"
+                "trust_remote_code/revision apply to hf backbones only, "
+                f"not '{self.name}'; remove them"
             )
         if self.revision is not None and not re.fullmatch(r"[0-9a-f]{40}", self.revision):
             raise ValueError(
@@ -100,7 +101,8 @@ class BackboneRef(_Model):
             )
         if self.trust_remote_code and self.revision is None:
             raise ValueError(
-                f"trust_remote_code for '{self.name}' needs a pinned commit: add revision: <40-hex sha>"
+                f"trust_remote_code for '{self.name}' needs a pinned commit: "
+                "add revision: <40-hex sha>"
             )
         return self
 
@@ -111,6 +113,12 @@ class BackboneRef(_Model):
     @property
     def model(self) -> str:
         return self.name.partition(":")[2]
+
+    @classmethod
+    def parse(cls, value: str | dict[str, Any]) -> BackboneRef:
+        """From ``family:model@weights`` (e.g. a trial's ``backbone`` parameter) or
+        a mapping."""
+        return cls.model_validate(_parse_backbone(value))
 
     @property
     def key(self) -> str:

@@ -45,6 +45,12 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _OOM_MESSAGES)
 
 
+def oom_summary(exc: BaseException) -> str:
+    """``Type: first line of the message`` of an out-of-memory error."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def free_memory() -> None:
     """Give memory back after an out-of-memory error (call it outside the
     ``except`` block, once the exception and the batch tensors are dropped)."""
@@ -202,7 +208,7 @@ class Trainer:
                 except Exception as exc:  # noqa: BLE001 - re-raised unless it is an OOM
                     if not is_out_of_memory(exc):
                         raise
-                    error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                    error = oom_summary(exc)
                 # Out of the except block: the exception (and the frames holding the
                 # batch's activations) is gone, so the memory can really be freed.
                 self._shrink_micro_batch(error)
@@ -298,7 +304,7 @@ class Trainer:
             except Exception as exc:  # noqa: BLE001 - re-raised unless it is an OOM
                 if not is_out_of_memory(exc):
                     raise
-                error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                error = oom_summary(exc)
             free_memory()
             if self.eval_batch_size <= 1:
                 raise TrialError("oom", f"out of memory evaluating one image: {error}")
