@@ -56,6 +56,59 @@ def preflight(spec: StudySpec, host: PluginHost, num_classes: int) -> None:
             ) from exc
 
 
+@dataclass
+class WorkerInputs:
+    """What every trial of one process needs, loaded and checked once."""
+
+    splits: Splits
+    source: ImageSet | None
+    host: PluginHost
+
+
+def load_worker_inputs(spec: StudySpec) -> WorkerInputs:
+    """Set the thread count, load and split the data, build every candidate once.
+
+    Raises:
+        UserInputError: bad data or backbone.
+    """
+    torch.set_num_threads(spec.train.threads or os.cpu_count() or 1)
+    splits, source = prepare_data(spec)
+    host = get_plugin_host()
+    preflight(spec, host, len(splits.classes))
+    return WorkerInputs(splits, source, host)
+
+
+def run_trials(
+    study: optuna.Study,
+    spec: StudySpec,
+    inputs: WorkerInputs,
+    artifacts: Path,
+    progress: Progress,
+    n_trials: int | None,
+    timeout: float | None,
+) -> int:
+    """The trial loop that ``search`` and ``worker`` share: Optuna's
+    ``study.optimize`` with our objective, the trial errors it catches and the
+    callbacks run after each trial. Returns how many trials this process ran."""
+    ran: list[int] = []
+
+    def count(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        ran.append(trial.number)
+
+    objective = Objective(
+        spec, inputs.splits, inputs.host, artifact_store(artifacts), progress, inputs.source
+    )
+    study.optimize(
+        objective,
+        n_trials=n_trials,
+        timeout=timeout,
+        catch=(TrialError,),
+        gc_after_trial=True,
+        callbacks=[release_cached_memory, count],
+    )
+    return len(ran)
+
+
 def run_search(
     spec: StudySpec,
     storage_url: str,
@@ -69,12 +122,10 @@ def run_search(
         NoSuccessfulTrialsError: the study has no completed trial at the end.
     """
     progress = progress or Progress(epochs=spec.train.epochs)
-    torch.set_num_threads(spec.train.threads or os.cpu_count() or 1)
     open_storage(storage_url)  # fail on a bad URL before loading anything heavy
     artifacts = artifacts or default_artifacts_dir(storage_url)
-    splits, source = prepare_data(spec)
-    host = get_plugin_host()
-    preflight(spec, host, len(splits.classes))
+    inputs = load_worker_inputs(spec)
+    splits = inputs.splits
     study = create_or_resume(spec, storage_url, artifacts)
     # Only now, with all input checked: bad input gets one error line and nothing else.
     progress.message(
@@ -83,24 +134,17 @@ def run_search(
         f"at {spec.data.image_size}px"
     )
     study.set_user_attr(CLASSES_ATTR, list(splits.classes))  # for export: label names
-    store = artifact_store(artifacts)
     before = len(study.trials)
     progress.message(
         f"study '{spec.name}': {before} trial(s) stored; running "
         f"{spec.n_trials or 'unlimited'} more"
         + (f" (timeout {spec.timeout:g}s)" if spec.timeout else "")
     )
-    objective = Objective(spec, splits, host, store, progress, source)
-    study.optimize(
-        objective,
-        n_trials=spec.n_trials,
-        timeout=spec.timeout,
-        catch=(TrialError,),
-        gc_after_trial=True,
-        callbacks=[release_cached_memory],
-    )
+    run_trials(study, spec, inputs, artifacts, progress, spec.n_trials, spec.timeout)
     best = best_trial(study)
-    test = evaluate_best_on_test(study, best, host, store, splits, spec)
+    test = evaluate_best_on_test(
+        study, best, inputs.host, artifact_store(artifacts), splits, spec
+    )
     return SearchOutcome(study, best, test, len(study.trials) - before)
 
 

@@ -133,7 +133,10 @@ def load_study(storage_url: str, study_name: str | None) -> optuna.Study:
 def stored_spec(study: optuna.Study) -> StudySpec:
     raw = study.user_attrs.get(SPEC_ATTR)
     if raw is None:
-        raise StorageError(f"study '{study.study_name}' was not made by autotransfer (no spec)")
+        raise StorageError(
+            f"study '{study.study_name}' was not made by autotransfer (it has no saved "
+            "spec); create studies with `autotransfer search`"
+        )
     return StudySpec.model_validate(raw)
 
 

@@ -83,9 +83,10 @@ def _root(
 
 
 def _register() -> None:
-    from autotransfer.cli import dashboard, export, predict, report, search, trials
+    from autotransfer.cli import dashboard, export, predict, report, search, trials, worker
 
     app.command("search")(search.search)
+    app.command("worker")(worker.worker)
     app.command("trials")(trials.trials)
     app.command("export")(export.export)
     app.command("predict")(predict.predict)

@@ -1,0 +1,57 @@
+"""``autotransfer worker``: join an existing study and run its trials."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from autotransfer.cli.options import DEFAULT, Storage, StudyName
+
+
+def worker(
+    storage: Storage = DEFAULT,
+    study_name: StudyName = None,
+    artifacts: Annotated[
+        Path | None,
+        typer.Option(
+            help="The study's shared checkpoint directory as mounted on this machine; "
+            "default: the directory saved with the study by `autotransfer search`.",
+        ),
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="The study's data set as mounted on this machine; default: the path in "
+            "the spec saved with the study.",
+        ),
+    ] = None,
+    n_trials: Annotated[
+        int | None,
+        typer.Option("--n-trials", min=1, help="Run at most this many trials in this worker."),
+    ] = None,
+    timeout: Annotated[
+        float | None,
+        typer.Option(min=0.001, help="Stop starting trials after this many seconds."),
+    ] = None,
+) -> None:
+    """Join a study that `autotransfer search` created and run its trials.
+
+    Start any number of workers, on any machines that reach the storage (use
+    PostgreSQL for several machines) and the shared artifacts directory. Each
+    worker reads the spec saved with the study, so it needs no spec file. Prints
+    one summary line when it stops. See docs/scale-out.md.
+    """
+    from autotransfer.worker import run_worker
+
+    outcome = run_worker(storage, study_name, artifacts, data, n_trials, timeout)
+    states = [t.state.name for t in outcome.study.get_trials(deepcopy=False)]
+    counts = ", ".join(
+        f"{states.count(s)} {s.lower()}" for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
+        if s in states
+    )
+    typer.echo(
+        f"worker ran {outcome.ran} trial(s); study '{outcome.study.study_name}' now has "
+        f"{len(states)} ({counts or 'none'})"
+    )

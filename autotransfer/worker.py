@@ -1,0 +1,121 @@
+"""Joining a study from another process or machine: ``autotransfer worker``.
+
+A worker reads everything from the study itself: the spec saved when
+``autotransfer search`` created it (study attribute ``spec``) and the artifacts
+directory (attribute ``artifacts``, overridable because another machine may mount
+it elsewhere). It then runs trials with the same loop as ``search``
+(:func:`autotransfer.search.run_trials`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+
+from autotransfer.exceptions import DataError, StorageError
+from autotransfer.progress import Progress
+from autotransfer.search import load_worker_inputs, run_trials
+from autotransfer.spec import StudySpec, validate_spec
+from autotransfer.study import (
+    ARTIFACTS_ATTR,
+    CLASSES_ATTR,
+    load_study,
+    make_pruner,
+    make_sampler,
+    stored_spec,
+)
+
+
+@dataclass
+class WorkerOutcome:
+    study: optuna.Study
+    ran: int
+
+
+def worker_salt() -> int:
+    """A number that differs between worker processes (host and pid), so that
+    workers started together do not draw the same random parameters."""
+    return zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode()) % 1_000_003
+
+
+def joined_spec(study: optuna.Study, data: str | None) -> StudySpec:
+    """The spec saved with ``study``; ``data`` replaces its ``data.path`` (the
+    same data set, mounted elsewhere on this machine).
+
+    Raises:
+        StorageError: the study was not made by autotransfer.
+    """
+    spec = stored_spec(study)
+    if data is None:
+        return spec
+    raw = spec.model_dump(mode="json")
+    raw["data"]["path"] = data
+    return validate_spec(raw, source=f"the spec saved with study '{study.study_name}'")
+
+
+def joined_artifacts(study: optuna.Study, artifacts: Path | None) -> Path:
+    """The shared artifacts directory: ``artifacts`` or the one saved with the study.
+
+    Raises:
+        StorageError: the directory does not exist here (a worker never starts a
+            new one: its checkpoints would be out of reach of the others).
+    """
+    if artifacts is None:
+        saved = study.user_attrs.get(ARTIFACTS_ATTR)
+        if not saved:
+            raise StorageError(
+                f"study '{study.study_name}' has no artifacts directory saved; give --artifacts"
+            )
+        path, origin = Path(saved), "saved with the study"
+    else:
+        path, origin = artifacts.expanduser().resolve(), "from --artifacts"
+    if not path.is_dir():
+        raise StorageError(
+            f"artifacts directory '{path}' ({origin}) does not exist on this machine; "
+            "mount the study's shared artifacts directory and give its path with --artifacts"
+        )
+    return path
+
+
+def run_worker(
+    storage_url: str,
+    study_name: str | None,
+    artifacts: Path | None = None,
+    data: str | None = None,
+    n_trials: int | None = None,
+    timeout: float | None = None,
+    progress: Progress | None = None,
+) -> WorkerOutcome:
+    """Join the existing study ``study_name`` and run trials until this worker's
+    own limits (``n_trials``, ``timeout``) are reached.
+
+    Raises:
+        UserInputError: no such study, not an autotransfer study, artifacts
+            directory or data not reachable here, bad backbone.
+    """
+    study = load_study(storage_url, study_name)
+    spec = joined_spec(study, data)
+    path = joined_artifacts(study, artifacts)
+    progress = progress or Progress(epochs=spec.train.epochs)
+    inputs = load_worker_inputs(spec)
+    stored_classes = study.user_attrs.get(CLASSES_ATTR)
+    if stored_classes is not None and list(stored_classes) != list(inputs.splits.classes):
+        raise DataError(
+            f"data '{spec.data.path}' has classes {list(inputs.splits.classes)} but study "
+            f"'{study.study_name}' was made with {list(stored_classes)}; give --data the "
+            "study's data set"
+        )
+    study.sampler = make_sampler(spec, offset=len(study.trials) + worker_salt())
+    study.pruner = make_pruner(spec)
+    progress.message(
+        f"worker on study '{study.study_name}': {len(study.trials)} trial(s) stored; "
+        f"running {n_trials or 'unlimited'}"
+        + (f" (timeout {timeout:g}s)" if timeout else "")
+    )
+    ran = run_trials(study, spec, inputs, path, progress, n_trials, timeout)
+    return WorkerOutcome(study, ran)
