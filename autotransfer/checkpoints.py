@@ -77,7 +77,7 @@ def load_trial_backbone(
             f"trial {trial.number} ({trial.state.name}) has no checkpoint; "
             "choose a COMPLETE trial (see `autotransfer trials`)"
         )
-    _check_artifact_id(trial.number, artifact_id)
+    check_artifact_id(trial.number, artifact_id)
     ref = BackboneRef.parse(trial.params["backbone"])
     family = host.family(ref.family)
     build_weights = "none" if "none" in family.weights_sources else ref.weights
@@ -100,13 +100,13 @@ def load_trial_backbone(
     return backbone
 
 
-_ARTIFACT_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+ARTIFACT_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
-def _check_artifact_id(number: int, artifact_id: object) -> None:
+def check_artifact_id(number: int, artifact_id: object) -> None:
     """Optuna's artifact ids are UUIDs: anything else (``../x``, an absolute path,
     ``..%2f``) would make the artifact store read outside its directory."""
-    if not isinstance(artifact_id, str) or not _ARTIFACT_ID.fullmatch(artifact_id):
+    if not isinstance(artifact_id, str) or not ARTIFACT_ID.fullmatch(artifact_id):
         raise StorageError(
             f"trial {number}'s checkpoint id {str(artifact_id)[:80]!r} is not an artifact id "
             "(letters, digits, '-' and '_' only); the study database was altered, so it is "

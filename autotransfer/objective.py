@@ -3,10 +3,17 @@
 Follows Optuna's PyTorch example: report the validation accuracy after every
 epoch, ask ``should_prune()``, raise ``TrialPruned``. The trial's value is its
 best epoch's accuracy, and its checkpoint is that epoch's weights.
+
+Faults (see docs/faults.md): after every epoch the training state is saved
+(:mod:`autotransfer.resume`), so a trial queued again after an interruption or
+a lost worker continues at the next epoch; a trial with no progress for
+``train.stall_timeout`` seconds is ended by the watchdog (reason ``timeout``);
+SIGTERM/Ctrl-C mark the trial and queue it again (:mod:`autotransfer.recovery`).
 """
 
 from __future__ import annotations
 
+import sys
 import time
 
 import optuna
@@ -16,10 +23,19 @@ from optuna.artifacts._protocol import ArtifactStore
 from autotransfer.checkpoints import save_checkpoint
 from autotransfer.data import ImageSet, Splits
 from autotransfer.exceptions import AutotransferError
+from autotransfer.interrupts import signal_name
 from autotransfer.plugins import PluginHost
 from autotransfer.progress import Progress
+from autotransfer.recovery import WORKER_ATTR, requeue_interrupted, worker_identity
+from autotransfer.resume import (
+    RESUME_STATE_ATTR,
+    drop_artifact,
+    load_epoch_state,
+    save_epoch_state,
+)
 from autotransfer.spec import BackboneRef, FloatParam, FloatRange, StudySpec
 from autotransfer.training import Trainer, TrialError, TrialParams
+from autotransfer.watchdog import TrialStalled, Watchdog
 
 FAIL_REASON_ATTR = "fail_reason"
 
@@ -87,6 +103,52 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         params = sample_params(trial, self.spec)
         ref = self.refs[params.backbone]
+        trial.set_user_attr(WORKER_ATTR, worker_identity())
+        trainer = self._trainer(trial, params, ref)
+        trial.set_user_attr("n_blocks", trainer.n_blocks)
+        trial.set_user_attr("frozen_blocks", trainer.k_frozen)
+        self.progress.trial_started(trial.number, params, trainer.k_frozen, trainer.n_blocks)
+        if not self._resume(trial, trainer):
+            trainer = self._trainer(trial, params, ref)  # a clean start, not half-restored
+        start = time.perf_counter()
+        watchdog = Watchdog(self.spec.train.stall_timeout)
+        try:
+            with watchdog.watch(lambda idle: self._unresponsive(trial, idle)) as beat:
+                trainer.on_batch = beat
+                self._train(trial, trainer, start)
+        except TrialError as exc:
+            self._drop_state(trial)
+            _record_batch(trial, trainer)
+            raise self._fail(trial, exc.reason, str(exc)) from exc
+        except TrialStalled as exc:
+            self._drop_state(trial)
+            raise self._fail(trial, "timeout", f"trial {trial.number}: {exc}") from None
+        except optuna.TrialPruned:
+            self._drop_state(trial)
+            raise
+        except KeyboardInterrupt as exc:  # SIGTERM or Ctrl-C (autotransfer.interrupts)
+            self._interrupted(trial, exc)
+            raise
+        except Exception as exc:
+            self._drop_state(trial)
+            raise self._fail(
+                trial, "plugin_error",
+                f"training {ref.key} ({plugin_label(self.host, ref.family)}) raised {exc!r}",
+            ) from exc
+        finally:
+            trainer.on_batch = None
+        assert trainer.best is not None and trainer.best_state is not None
+        self._record_best(trial, trainer, start)
+        save_checkpoint(trial, trainer.best_state, trainer.backbone, self.store)
+        self._drop_state(trial)
+        self.progress.trial_finished(
+            trial.number, "COMPLETE",
+            f"val_acc {trainer.best.val.accuracy:.3f} (best epoch {trainer.best.epoch}) "
+            f"in {time.perf_counter() - start:.0f}s",
+        )
+        return trainer.best.val.accuracy
+
+    def _trainer(self, trial: optuna.Trial, params: TrialParams, ref: BackboneRef) -> Trainer:
         # Same seed and parameters give the same result: seed head init and data order.
         torch.manual_seed(self.spec.seed)
         try:
@@ -100,46 +162,104 @@ class Objective:
                 trial, "plugin_error",
                 f"{plugin_label(self.host, ref.family)} failed to build {ref.key}: {exc!r}",
             ) from exc
-        trainer = Trainer(backbone, self.splits, params, self.spec, self.spec.seed, self.source)
-        trial.set_user_attr("n_blocks", trainer.n_blocks)
-        trial.set_user_attr("frozen_blocks", trainer.k_frozen)
-        self.progress.trial_started(trial.number, params, trainer.k_frozen, trainer.n_blocks)
-        start = time.perf_counter()
-        try:
-            for result in trainer.epochs():
-                trial.report(result.val.accuracy, result.epoch)
-                trial.set_user_attr("epochs_run", result.epoch)
-                _record_batch(trial, trainer)
-                self.progress.epoch(trial.number, result)
-                # Pruning after the last epoch saves nothing; let the trial complete.
-                if result.epoch < self.spec.train.epochs and trial.should_prune():
-                    trial.set_user_attr("pruned_at_epoch", result.epoch)
-                    self._record_best(trial, trainer, start)
-                    self.progress.trial_finished(
-                        trial.number, "PRUNED",
-                        f"stopped after epoch {result.epoch}; best val_acc "
-                        f"{trainer.best.val.accuracy:.3f}" if trainer.best else "",
-                    )
-                    raise optuna.TrialPruned(f"pruned after epoch {result.epoch}")
-        except TrialError as exc:
+        return Trainer(backbone, self.splits, params, self.spec, self.spec.seed, self.source)
+
+    def _train(self, trial: optuna.Trial, trainer: Trainer, start: float) -> None:
+        for result in trainer.epochs():
+            trial.report(result.val.accuracy, result.epoch)
+            trial.set_user_attr("epochs_run", result.epoch)
             _record_batch(trial, trainer)
-            raise self._fail(trial, exc.reason, str(exc)) from exc
-        except (optuna.TrialPruned, KeyboardInterrupt):
+            self.progress.epoch(trial.number, result)
+            if result.epoch < self.spec.train.epochs:
+                save_epoch_state(trial, trainer.state_dict(), self.store)
+            # Pruning after the last epoch saves nothing; let the trial complete.
+            if result.epoch < self.spec.train.epochs and trial.should_prune():
+                trial.set_user_attr("pruned_at_epoch", result.epoch)
+                self._record_best(trial, trainer, start)
+                self.progress.trial_finished(
+                    trial.number, "PRUNED",
+                    f"stopped after epoch {result.epoch}; best val_acc "
+                    f"{trainer.best.val.accuracy:.3f}" if trainer.best else "",
+                )
+                raise optuna.TrialPruned(f"pruned after epoch {result.epoch}")
+
+    def _resume(self, trial: optuna.Trial, trainer: Trainer) -> bool:
+        """Continue from the epoch state this trial inherited (it re-runs an
+        interrupted or lost trial): restore it and report the earlier epochs'
+        values again, so the pruner sees the whole curve. False: the state could
+        not be loaded and ``trainer`` may be half-restored."""
+        try:
+            state = load_epoch_state(trial, self.store)
+            if state is None:
+                if trial.user_attrs.get(RESUME_STATE_ATTR):
+                    self.progress.message(
+                        f"  trial {trial.number}: its epoch state is gone; starting at epoch 1"
+                    )
+                return True
+            trainer.load_state_dict(state)
+        except AutotransferError:
             raise
-        except Exception as exc:
-            raise self._fail(
-                trial, "plugin_error",
-                f"training {ref.key} ({plugin_label(self.host, ref.family)}) raised {exc!r}",
-            ) from exc
-        assert trainer.best is not None and trainer.best_state is not None
-        self._record_best(trial, trainer, start)
-        save_checkpoint(trial, trainer.best_state, backbone, self.store)
-        self.progress.trial_finished(
-            trial.number, "COMPLETE",
-            f"val_acc {trainer.best.val.accuracy:.3f} (best epoch {trainer.best.epoch}) "
-            f"in {time.perf_counter() - start:.0f}s",
+        except Exception as exc:  # a state that does not fit: train from the start
+            self.progress.message(
+                f"  trial {trial.number}: cannot resume from the saved epoch state "
+                f"({type(exc).__name__}: {exc}); starting at epoch 1"
+            )
+            return False
+        for epoch, value in trainer.history:
+            trial.report(value, epoch)
+        trial.set_user_attr("resumed_from_epoch", trainer.epoch)
+        self.progress.message(
+            f"  trial {trial.number} resumes after epoch {trainer.epoch} "
+            f"(re-runs trial {trial.user_attrs.get('retry_of', '?')})"
         )
-        return trainer.best.val.accuracy
+        return True
+
+    def _drop_state(self, trial: optuna.Trial) -> None:
+        """The trial ended: its epoch state is not needed any more."""
+        drop_artifact(self.store, trial.user_attrs.get(RESUME_STATE_ATTR))
+
+    def _interrupted(self, trial: optuna.Trial, exc: BaseException) -> None:
+        """Mark the trial, queue it again from its last epoch state; never raises
+        (if the storage cannot be written, the heartbeat retry takes over)."""
+        name = signal_name(exc)
+        epoch = trial.user_attrs.get("resume_epoch", 0)
+        try:
+            trial.set_user_attr(FAIL_REASON_ATTR, "interrupted")
+            trial.set_user_attr("fail_message", f"interrupted by {name}")
+            requeue_interrupted(trial, name)
+        except Exception as error:  # noqa: BLE001 - the interrupt matters more
+            self.progress.message(
+                f"  trial {trial.number}: interrupted by {name}, but could not queue it "
+                f"again ({type(error).__name__}: {error}); it is retried when its "
+                "heartbeat goes stale"
+            )
+            return
+        self.progress.trial_finished(
+            trial.number, "FAIL",
+            f"interrupted by {name}; queued to run again from "
+            + (f"its epoch {epoch} state" if epoch else "epoch 1"),
+        )
+
+    def _unresponsive(self, trial: optuna.Trial, idle: float) -> None:
+        """From the watchdog thread: the main thread is stuck outside Python.
+        Record the failure in the storage ourselves; the process then exits."""
+        storage, trial_id = trial.storage, trial._trial_id
+        message = (
+            f"trial {trial.number} made no progress for {idle:.0f}s "
+            f"(train.stall_timeout {self.spec.train.stall_timeout:g}s) and did not stop"
+        )
+        print(
+            f"error: {message}; it is marked FAIL (timeout) and this process exits; "
+            "run the same command to go on with the study",
+            file=sys.stderr,
+            flush=True,
+        )
+        try:
+            storage.set_trial_user_attr(trial_id, FAIL_REASON_ATTR, "timeout")
+            storage.set_trial_user_attr(trial_id, "fail_message", message)
+            storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+        except Exception as exc:  # noqa: BLE001 - exiting anyway
+            print(f"error: could not mark trial {trial.number}: {exc}", file=sys.stderr)
 
     def _record_best(self, trial: optuna.Trial, trainer: Trainer, start: float) -> None:
         if trainer.best is not None:

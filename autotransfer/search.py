@@ -17,9 +17,11 @@ import torch
 from autotransfer.checkpoints import load_trial_backbone
 from autotransfer.data import ImageSet, Splits, load_dataset, stratified_split
 from autotransfer.exceptions import AutotransferError, BackboneError, NoSuccessfulTrialsError
+from autotransfer.interrupts import handle_signals
 from autotransfer.objective import Objective, plugin_label
 from autotransfer.plugins import PluginHost, get_plugin_host
 from autotransfer.progress import Progress
+from autotransfer.recovery import after_trial, recover_lost_trials, writer_study
 from autotransfer.spec import StudySpec
 from autotransfer.storage import artifact_store, default_artifacts_dir, open_storage
 from autotransfer.study import CLASSES_ATTR, TEST_METRICS_ATTR, create_or_resume, test_metrics
@@ -95,17 +97,19 @@ def run_trials(
     def count(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         ran.append(trial.number)
 
-    objective = Objective(
-        spec, inputs.splits, inputs.host, artifact_store(artifacts), progress, inputs.source
-    )
-    study.optimize(
-        objective,
-        n_trials=n_trials,
-        timeout=timeout,
-        catch=(TrialError,),
-        gc_after_trial=True,
-        callbacks=[release_cached_memory, count],
-    )
+    store = artifact_store(artifacts)
+    objective = Objective(spec, inputs.splits, inputs.host, store, progress, inputs.source)
+    study = writer_study(study, spec.recovery)  # heartbeats on
+    with handle_signals():  # SIGTERM / Ctrl-C: mark and re-queue the running trial
+        recover_lost_trials(study, store, progress.message)  # retried before new trials
+        study.optimize(
+            objective,
+            n_trials=n_trials,
+            timeout=timeout,
+            catch=(TrialError,),
+            gc_after_trial=True,
+            callbacks=[release_cached_memory, after_trial(store, progress.message), count],
+        )
     return len(ran)
 
 

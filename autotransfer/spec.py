@@ -247,6 +247,35 @@ class TrainSpec(_Model):
         "accumulated), halving down to this size; below it the trial fails with reason oom",
     )
     threads: int | None = Field(None, ge=1, description="CPU threads; default: all cores")
+    stall_timeout: float = Field(
+        600.0, gt=0,
+        description="seconds a trial may go without finishing a batch; then the watchdog "
+        "ends it with reason timeout",
+    )
+
+
+class RecoverySpec(_Model):
+    """How workers notice each other's deaths (Optuna heartbeats) and retry."""
+
+    heartbeat_interval: int = Field(
+        30, ge=1, description="seconds between a running trial's heartbeats"
+    )
+    grace_period: int = Field(
+        120, ge=1,
+        description="a running trial with no heartbeat for this long is failed and retried",
+    )
+    max_retry: int = Field(
+        1, ge=0, description="times a trial of a lost worker is retried (same parameters)"
+    )
+
+    @model_validator(mode="after")
+    def _grace(self) -> RecoverySpec:
+        if self.grace_period <= self.heartbeat_interval:
+            raise ValueError(
+                f"grace_period ({self.grace_period}) must be longer than heartbeat_interval "
+                f"({self.heartbeat_interval}), or live trials are failed; e.g. 4 times it"
+            )
+        return self
 
 
 class PrunerSpec(_Model):
@@ -274,6 +303,7 @@ class StudySpec(_Model):
     train: TrainSpec = TrainSpec()
     pruner: PrunerSpec = PrunerSpec()
     sampler: SamplerSpec = SamplerSpec()
+    recovery: RecoverySpec = RecoverySpec()
     n_trials: int | None = Field(10, ge=1)
     timeout: float | None = Field(None, gt=0)
     seed: int = 0
@@ -294,7 +324,7 @@ class StudySpec(_Model):
 
 _MODELS: tuple[type[BaseModel], ...] = (
     FloatRange, BackboneRef, SplitSpec, AugmentSpec, DataSpec, SearchSpec, TrainSpec,
-    PrunerSpec, SamplerSpec, StudySpec,
+    PrunerSpec, SamplerSpec, RecoverySpec, StudySpec,
 )
 
 

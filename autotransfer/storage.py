@@ -9,13 +9,21 @@ must name a directory every worker can reach.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import shutil
+import tempfile
+import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
 
 import optuna
 from optuna.artifacts import FileSystemArtifactStore
 
 from autotransfer.exceptions import StorageError
+
+if TYPE_CHECKING:
+    from autotransfer.spec import RecoverySpec
 
 DEFAULT_STORAGE = "sqlite:///autotransfer.db"
 ARTIFACTS_DIRNAME = "autotransfer-artifacts"
@@ -39,8 +47,13 @@ def redact(url: str) -> str:
     return _SECRET_QUERY.sub(r"\1***", shown)
 
 
-def open_storage(url: str) -> optuna.storages.RDBStorage:
+def open_storage(url: str, recovery: RecoverySpec | None = None) -> optuna.storages.RDBStorage:
     """Open (creating if needed) the Optuna storage at ``url``.
+
+    Writers (``search``, workers) pass ``recovery``: each running trial then
+    records a heartbeat every ``recovery.heartbeat_interval`` seconds, and a
+    trial whose heartbeat is older than ``recovery.grace_period`` is failed and
+    retried (see :mod:`autotransfer.recovery`). Readers pass nothing.
 
     Raises:
         StorageError: the URL is malformed, names an unknown database or a
@@ -70,7 +83,11 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     try:
         # Optuna logs its own storage set-up at INFO; keep stderr for our progress.
         optuna.logging.set_verbosity(logging.WARNING)
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=engine_kwargs, **_heartbeat_kwargs(recovery)
+            )
     except NoSuchModuleError:
         raise StorageError(
             f"storage URL '{redact(url)}' has an unknown scheme '{parsed.drivername}'; "
@@ -95,6 +112,18 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         raise StorageError(f"cannot open storage '{redact(url)}': {reason}") from None
 
 
+def _heartbeat_kwargs(recovery: RecoverySpec | None) -> dict[str, object]:
+    if recovery is None:
+        return {}
+    from autotransfer.recovery import RetryStaleTrial
+
+    return {
+        "heartbeat_interval": recovery.heartbeat_interval,
+        "grace_period": recovery.grace_period,
+        "heartbeat_stale_trial_callback": RetryStaleTrial(recovery.max_retry),
+    }
+
+
 def default_artifacts_dir(url: str) -> Path:
     """Beside the SQLite file; in the working directory for other databases."""
     from sqlalchemy.engine import make_url
@@ -105,6 +134,30 @@ def default_artifacts_dir(url: str) -> Path:
     return Path.cwd() / ARTIFACTS_DIRNAME
 
 
+class AtomicFileSystemArtifactStore(FileSystemArtifactStore):
+    """Optuna's file-system artifact store, with atomic writes.
+
+    Optuna's own ``write`` opens the final path and copies into it, so a crash or
+    a full disk leaves a truncated file under the artifact id. Here the bytes go
+    to a temporary file in the same directory, are flushed to disk, and only then
+    renamed onto the artifact id (``os.replace`` is atomic on one file system): an
+    artifact is either whole or absent.
+    """
+
+    def write(self, artifact_id: str, content_body: BinaryIO) -> None:
+        target = self._get_filepath(artifact_id)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                shutil.copyfileobj(content_body, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
 def artifact_store(path: Path) -> FileSystemArtifactStore:
     path.mkdir(parents=True, exist_ok=True)
-    return FileSystemArtifactStore(str(path))
+    return AtomicFileSystemArtifactStore(str(path))

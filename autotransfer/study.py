@@ -19,7 +19,10 @@ ARTIFACTS_ATTR = "artifacts"
 TEST_METRICS_ATTR = "test_metrics"
 CLASSES_ATTR = "classes"  # class names in label order, stored at search time
 # Fields that may change between runs of one study without changing what it means.
-RESUMABLE_FIELDS = {"n_trials", "timeout", "train.threads", "train.eval_batch_size"}
+RESUMABLE_FIELDS = {
+    "n_trials", "timeout", "train.threads", "train.eval_batch_size", "train.stall_timeout",
+    "recovery.heartbeat_interval", "recovery.grace_period", "recovery.max_retry",
+}
 
 
 def make_sampler(spec: StudySpec, offset: int = 0) -> optuna.samplers.BaseSampler:
@@ -75,7 +78,7 @@ def create_or_resume(spec: StudySpec, storage_url: str, artifacts: Path) -> optu
     Raises:
         SpecError: the study exists with a different spec (lists the fields).
     """
-    storage = open_storage(storage_url)
+    storage = open_storage(storage_url, recovery=spec.recovery)  # a writer: heartbeats on
     study = optuna.create_study(
         storage=storage,
         study_name=spec.name,

@@ -10,8 +10,9 @@ from __future__ import annotations
 import gc
 import math
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -92,8 +93,14 @@ class EpochResult:
 
 
 @torch.no_grad()
-def evaluate(backbone: Backbone, data: ImageSet, batch_size: int = 256) -> Metrics:
-    """Accuracy, macro-F1 and mean cross-entropy of ``backbone`` on ``data``."""
+def evaluate(
+    backbone: Backbone,
+    data: ImageSet,
+    batch_size: int = 256,
+    on_batch: Callable[[], None] | None = None,
+) -> Metrics:
+    """Accuracy, macro-F1 and mean cross-entropy of ``backbone`` on ``data``
+    (``on_batch`` is called after each batch: a sign of progress)."""
     model = backbone.model
     was_training = model.training
     model.eval()
@@ -109,6 +116,8 @@ def evaluate(backbone: Backbone, data: ImageSet, batch_size: int = 256) -> Metri
         confusion += torch.bincount(y * n_classes + pred, minlength=n_classes**2).view(
             n_classes, n_classes
         )
+        if on_batch is not None:
+            on_batch()
     model.train(was_training)
     tp = confusion.diag().double()
     precision = tp / confusion.sum(0).clamp(min=1)
@@ -182,6 +191,10 @@ class Trainer:
         self.eval_batch_size = spec.train.eval_batch_size
         self.best: EpochResult | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
+        self.epoch = 0  # the last finished epoch
+        self.history: list[tuple[int, float]] = []  # (epoch, val accuracy), as reported
+        # Called after every batch (training and validation): the watchdog's heartbeat.
+        self.on_batch: Callable[[], None] | None = None
 
     def _optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         wd = self.params.weight_decay
@@ -217,6 +230,8 @@ class Trainer:
             self.scheduler.step()
             total += loss_sum
             count += len(idx)
+            if self.on_batch is not None:
+                self.on_batch()
         return total / max(1, count)
 
     def _step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> float:
@@ -277,9 +292,59 @@ class Trainer:
         self.micro_batch_size = smaller
         self.oom_events += 1
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to go on after the last finished epoch as if never
+        stopped: weights, optimiser, scheduler, random generators, best epoch and
+        its weights, reference loss, micro-batch sizes, reported values."""
+        return {
+            "epoch": self.epoch,
+            "model": self.backbone.model.state_dict(),
+            "retention": [p.detach() for p in self.retention.parameters()]
+            if self.retention is not None
+            else [],
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "best": asdict(self.best) if self.best is not None else None,
+            "best_state": self.best_state,
+            "reference_loss": self.reference_loss,
+            "micro_batch_size": self.micro_batch_size,
+            "eval_batch_size": self.eval_batch_size,
+            "oom_events": self.oom_events,
+            "history": [list(h) for h in self.history],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (of a trial with the same parameters):
+        :meth:`epochs` then continues at the epoch after ``state["epoch"]``."""
+        self.backbone.model.load_state_dict(state["model"], strict=True)
+        with torch.no_grad():
+            params = self.retention.parameters() if self.retention is not None else []
+            if len(params) != len(state["retention"]):
+                raise ValueError("the saved state is of a different retention")
+            for p, saved in zip(params, state["retention"], strict=True):
+                p.copy_(saved)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        best = state["best"]
+        if best is not None:
+            best = EpochResult(**{**best, "val": Metrics(**best["val"])})
+        self.best = best
+        self.best_state = state["best_state"]
+        self.reference_loss = state["reference_loss"]
+        self.micro_batch_size = state["micro_batch_size"]
+        self.eval_batch_size = state["eval_batch_size"]
+        self.oom_events = state["oom_events"]
+        self.history = [(int(e), float(v)) for e, v in state["history"]]
+        self.epoch = int(state["epoch"])
+
     def epochs(self) -> Iterator[EpochResult]:
-        """Train epoch by epoch, yielding each epoch's validation metrics."""
-        for epoch in range(1, self.spec.train.epochs + 1):
+        """Train epoch by epoch (after the last finished one, if restored),
+        yielding each epoch's validation metrics."""
+        for epoch in range(self.epoch + 1, self.spec.train.epochs + 1):
             start = time.perf_counter()
             train_loss = self._train_epoch()
             val = self._evaluate()
@@ -293,6 +358,8 @@ class Trainer:
                     k: v.detach().to("cpu", copy=True)
                     for k, v in self.backbone.model.state_dict().items()
                 }
+            self.epoch = epoch
+            self.history.append((epoch, val.accuracy))
             yield result
 
     def _evaluate(self) -> Metrics:
@@ -300,7 +367,9 @@ class Trainer:
         out-of-memory (down to 1; then the trial fails with reason ``oom``)."""
         while True:
             try:
-                return evaluate(self.backbone, self.splits.val, self.eval_batch_size)
+                return evaluate(
+                    self.backbone, self.splits.val, self.eval_batch_size, self.on_batch
+                )
             except Exception as exc:  # noqa: BLE001 - re-raised unless it is an OOM
                 if not is_out_of_memory(exc):
                     raise

@@ -50,14 +50,16 @@ class _Group(TyperGroup):
             message = " ".join(exc.format_message().split())
             typer.echo(f"error: {message}; see '{where} -h'", err=True)
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (autotransfer.interrupts)
             if debug_enabled():
                 raise
+            name = getattr(exc, "signame", "SIGINT")
             typer.echo(
-                "interrupted: finished trials are stored; run the same command to resume",
+                f"interrupted ({name}): finished trials are stored and an interrupted trial "
+                "is queued to resume from its last epoch; run the same command to go on",
                 err=True,
             )
-            raise typer.Exit(130) from None
+            raise typer.Exit(getattr(exc, "exit_code", 130)) from None
 
 
 app = typer.Typer(

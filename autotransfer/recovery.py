@@ -1,0 +1,263 @@
+"""Trials of lost or interrupted workers: fail them, and queue them again.
+
+A writer opens the storage with Optuna heartbeats (:func:`storage.open_storage`
+with a :class:`~autotransfer.spec.RecoverySpec`): while a trial runs, a thread
+records its heartbeat every ``heartbeat_interval`` seconds. A trial whose
+heartbeat is older than ``grace_period`` belongs to a worker that died
+(SIGKILL, a lost machine). :func:`recover_lost_trials` fails such trials, with
+``fail_reason`` ``worker_lost``, and :class:`RetryStaleTrial` queues each one
+again (once, by default) with the same parameters. A worker calls it before
+its first trial and after each trial, so a resumed search retries the lost
+trials before it starts new ones; Optuna's own check, before each trial, uses
+the same callback.
+
+A trial on *this* machine whose worker process no longer exists is failed at
+once, without waiting for the grace period: each trial records its worker
+(machine, process id and start time) in the user attribute ``worker``.
+
+An interrupted trial (SIGTERM, Ctrl-C) is queued again by the interrupted worker
+itself (:func:`requeue_interrupted`), before the trial is marked failed: one
+step, in one process, so several workers resuming at once cannot queue it
+twice. Optuna's retry callback skips interrupted trials; interruptions do not
+count against ``max_retry``.
+
+The queued copy carries the trial's last epoch state (``resume_state``, see
+:mod:`autotransfer.resume`), so it continues from there.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.artifacts._protocol import ArtifactStore
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
+from optuna.trial import FrozenTrial, TrialState
+
+from autotransfer.resume import CARRIED_ATTRS, RESUME_STATE_ATTR, drop_artifact
+from autotransfer.spec import RecoverySpec
+
+WORKER_ATTR = "worker"
+RETRY_OF_ATTR = "retry_of"  # this trial re-runs the trial with this number
+REQUEUED_ATTR = "requeued"  # an interrupted trial already queued again
+INTERRUPTED_ATTR = "interrupted"  # the signal that interrupted the trial
+LOST_REASON = "worker_lost"
+
+
+def _quiet(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call an Optuna API marked experimental without its warning on stderr."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return fn(*args, **kwargs)
+
+
+def _queue_copy(study: optuna.Study, trial: FrozenTrial, system_attrs: dict[str, Any]) -> None:
+    """Add a WAITING trial with ``trial``'s parameters and its epoch state."""
+    user_attrs = {k: v for k, v in trial.user_attrs.items() if k in CARRIED_ATTRS}
+    user_attrs[RETRY_OF_ATTR] = trial.number
+    study.add_trial(
+        optuna.create_trial(
+            state=TrialState.WAITING,
+            params=trial.params,
+            distributions=trial.distributions,
+            user_attrs=user_attrs,
+            system_attrs=system_attrs,
+        )
+    )
+
+
+class RetryStaleTrial(RetryHeartbeatStaleTrialCallback):
+    """Optuna's retry of heartbeat-stale trials, carrying the epoch state.
+
+    Like :class:`optuna.storages.RetryHeartbeatStaleTrialCallback` (same system
+    attributes ``failed_trial`` and ``retry_history``, so its
+    ``retried_trial_number`` works), except that the copy gets only the user
+    attributes that say where to resume (not the lost trial's ``fail_reason``
+    and the like), and a trial already queued by :func:`requeue_interrupted` is
+    not queued twice.
+
+    Args:
+        max_retry: how many times one trial is retried.
+    """
+
+    def __init__(self, max_retry: int = 1) -> None:
+        _quiet(super().__init__, max_retry=max_retry)
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if trial.user_attrs.get(REQUEUED_ATTR):
+            return
+        system_attrs: dict[str, Any] = {
+            "failed_trial": trial.number,
+            "retry_history": [],
+            **copy.deepcopy(trial.system_attrs),
+        }
+        system_attrs["retry_history"].append(trial.number)
+        if self._max_retry is not None and self._max_retry < len(system_attrs["retry_history"]):
+            return
+        _queue_copy(study, trial, system_attrs)
+
+
+def requeue_interrupted(trial: optuna.Trial, signame: str) -> None:
+    """Mark the running ``trial`` as interrupted by ``signame`` and queue it again.
+
+    Called by the interrupted worker while the trial is still RUNNING: the copy
+    is added, then the trial is marked ``requeued`` (the heartbeat retry skips
+    it). Interruptions keep the trial's retry history as it was.
+    """
+    trial.set_user_attr(INTERRUPTED_ATTR, signame)
+    frozen = trial.study._storage.get_trial(trial._trial_id)
+    keep = {k: v for k, v in frozen.system_attrs.items() if k in ("failed_trial", "retry_history")}
+    _queue_copy(trial.study, frozen, copy.deepcopy(keep))
+    trial.set_user_attr(REQUEUED_ATTR, True)
+
+
+# --------------------------------------------------------------- worker identity
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="ascii").strip()
+    except OSError:
+        return ""
+
+
+def machine_id() -> str:
+    """This machine (and PID namespace): host name, boot id, PID namespace."""
+    try:
+        pid_ns = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        pid_ns = ""
+    return f"{socket.gethostname()}/{_read('/proc/sys/kernel/random/boot_id')}/{pid_ns}"
+
+
+def _process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), else None."""
+    stat = _read(f"/proc/{pid}/stat")
+    if not stat:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()
+    return fields[19] if len(fields) > 19 and fields[0] != "Z" else None
+
+
+def worker_identity() -> dict[str, Any]:
+    """What a trial records as its ``worker`` user attribute."""
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "machine": machine_id(),
+        "started": _process_start(os.getpid()),
+    }
+
+
+def worker_is_gone(worker: Any) -> bool:
+    """Whether ``worker`` (a ``worker`` attribute) is a process of this machine
+    that has exited. Unknown (another machine, not Linux): False."""
+    if not isinstance(worker, dict) or worker.get("machine") != machine_id():
+        return False
+    pid = worker.get("pid")
+    if not isinstance(pid, int) or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    started = worker.get("started")
+    now = _process_start(pid)
+    # A zombie, or the process id now belongs to a newer process.
+    return started is not None and now != started
+
+
+# --------------------------------------------------------------- lost trials
+
+
+def recover_lost_trials(
+    study: optuna.Study,
+    store: ArtifactStore | None = None,
+    message: Callable[[str], None] | None = None,
+) -> list[int]:
+    """Fail the running trials whose worker is lost and queue them again.
+
+    Lost: no heartbeat for ``grace_period`` seconds, or (on this machine) the
+    worker process is gone. Each one gets ``fail_reason`` ``worker_lost`` and is
+    passed to the storage's stale-trial callback (:class:`RetryStaleTrial`).
+    A trial that is not queued again (retries used up) has its epoch state
+    deleted from ``store``. Needs a storage opened with heartbeats; returns the
+    failed trials' numbers.
+    """
+    storage = study._storage
+    if not (isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage)):
+        return []
+    stale = set(storage._get_stale_trial_ids(study._study_id))
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    why = {t._trial_id: "no heartbeat" for t in running if t._trial_id in stale}
+    for t in running:
+        if t._trial_id not in why and worker_is_gone(t.user_attrs.get(WORKER_ATTR)):
+            why[t._trial_id] = f"its worker process {t.user_attrs[WORKER_ATTR]['pid']} is gone"
+    backend = getattr(storage, "_backend", storage)  # Optuna wraps RDBStorage in a cache
+    grace = getattr(backend, "grace_period", None) or 2 * (storage.get_heartbeat_interval() or 0)
+    failed = []
+    for trial_id, reason in why.items():
+        detail = reason if reason != "no heartbeat" else f"no heartbeat for over {grace}s"
+        try:
+            storage.set_trial_user_attr(trial_id, "fail_reason", LOST_REASON)
+            storage.set_trial_user_attr(trial_id, "fail_message", f"worker lost: {detail}")
+            if storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                failed.append((trial_id, detail))
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker (or the trial itself) finished it first
+    callback = storage.get_heartbeat_stale_trial_callback()
+    numbers = []
+    for trial_id, detail in failed:
+        frozen = copy.deepcopy(storage.get_trial(trial_id))
+        numbers.append(frozen.number)
+        if callback is not None:
+            callback(study, frozen)
+        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        again = any(t.user_attrs.get(RETRY_OF_ATTR) == frozen.number for t in waiting)
+        if not again and store is not None:
+            drop_artifact(store, frozen.user_attrs.get(RESUME_STATE_ATTR))
+        if message is not None:
+            message(
+                f"trial {frozen.number}: worker lost ({detail}): marked FAIL ({LOST_REASON})"
+                + ("; queued to run again" if again else "; not retried (retries used up)")
+            )
+    return numbers
+
+
+def writer_study(study: optuna.Study, recovery: RecoverySpec) -> optuna.Study:
+    """``study``, opened with heartbeats as ``recovery`` says (a worker loads the
+    study to read its spec before it knows them): reopened if need be."""
+    from autotransfer.storage import open_storage
+
+    backend = getattr(study._storage, "_backend", study._storage)
+    if (
+        getattr(backend, "heartbeat_interval", None) == recovery.heartbeat_interval
+        and getattr(backend, "grace_period", None) == recovery.grace_period
+    ):
+        return study
+    return optuna.load_study(
+        study_name=study.study_name,
+        storage=open_storage(backend.url, recovery),
+        sampler=study.sampler,
+        pruner=study.pruner,
+    )
+
+
+def after_trial(
+    store: ArtifactStore | None = None, message: Callable[[str], None] | None = None
+) -> Callable[[optuna.Study, FrozenTrial], None]:
+    """A ``study.optimize`` callback: recover lost trials before the next trial."""
+
+    def callback(study: optuna.Study, trial: FrozenTrial) -> None:
+        recover_lost_trials(study, store, message)
+
+    return callback
