@@ -171,7 +171,7 @@ class Objective:
             _record_batch(trial, trainer)
             self.progress.epoch(trial.number, result)
             if result.epoch < self.spec.train.epochs:
-                save_epoch_state(trial, trainer.state_dict(), self.store)
+                self._save_state(trial, trainer)
             # Pruning after the last epoch saves nothing; let the trial complete.
             if result.epoch < self.spec.train.epochs and trial.should_prune():
                 trial.set_user_attr("pruned_at_epoch", result.epoch)
@@ -182,6 +182,17 @@ class Objective:
                     f"{trainer.best.val.accuracy:.3f}" if trainer.best else "",
                 )
                 raise optuna.TrialPruned(f"pruned after epoch {result.epoch}")
+
+    def _save_state(self, trial: optuna.Trial, trainer: Trainer) -> None:
+        """Save the epoch state; if the write fails (a full disk), the trial goes
+        on and the previous state stays the recorded one."""
+        try:
+            save_epoch_state(trial, trainer.state_dict(), self.store)
+        except OSError as exc:
+            self.progress.message(
+                f"  trial {trial.number}: could not save its epoch {trainer.epoch} state "
+                f"({exc}); training goes on, a retry would resume from the previous one"
+            )
 
     def _resume(self, trial: optuna.Trial, trainer: Trainer) -> bool:
         """Continue from the epoch state this trial inherited (it re-runs an

@@ -1,0 +1,331 @@
+"""Worker faults: a killed worker, SIGTERM and Ctrl-C, a hung trial, a failed
+checkpoint write. Each one loses no finished trial, and the interrupted trial
+goes on from its last epoch.
+
+The kill and signal tests run ``autotransfer search`` in a subprocess
+(tests/_fault_worker.py) whose backbone is slowed down, so the test can act
+after an epoch has been saved; heartbeats and grace periods are short.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from autotransfer.cli import app
+from autotransfer.objective import Objective
+from autotransfer.progress import Progress
+from autotransfer.recovery import RetryStaleTrial, recover_lost_trials
+from autotransfer.resume import load_epoch_state, save_epoch_state
+from autotransfer.storage import artifact_store, open_storage
+from autotransfer.training import Trainer, TrialError, TrialParams
+
+WORKER = Path(__file__).with_name("_fault_worker.py")
+PARAMS = {"backbone": "timm:test_resnet@none", "freeze": 0.2, "lr": 5e-3,
+          "weight_decay": 1e-4, "batch_size": 8, "alpha": 0.25}
+FAST_HEARTBEAT = {"recovery.heartbeat_interval": 1, "recovery.grace_period": 2}
+
+
+def _trials(storage_url: str, name: str) -> list[optuna.trial.FrozenTrial]:
+    """The study's trials, read like `autotransfer trials` does (no heartbeats)."""
+    return optuna.load_study(study_name=name, storage=open_storage(storage_url)).trials
+
+
+def _start_worker(spec: Path, storage_url: str, tmp_path: Path, *extra: str,
+                  delay: float = 0.2) -> subprocess.Popen:
+    args = [sys.executable, str(WORKER), "--delay", str(delay), *extra, "--",
+            "search", str(spec), "--storage", storage_url]
+    return subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(storage_url: str, name: str, proc: subprocess.Popen,
+              ready: Callable[[list[optuna.trial.FrozenTrial]], bool], limit: float = 120) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            if ready(_trials(storage_url, name)):
+                return
+        except KeyError:  # the study is not created yet
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"timed out: {proc.communicate()}")
+
+
+def _saved_an_epoch(number: int) -> Callable[[list[optuna.trial.FrozenTrial]], bool]:
+    def ready(trials: list[optuna.trial.FrozenTrial]) -> bool:
+        return len(trials) > number and trials[number].user_attrs.get("resume_epoch", 0) >= 1
+
+    return ready
+
+
+def _resume_states(artifacts: Path) -> list[str]:
+    return sorted(p.name for p in artifacts.iterdir() if p.name.startswith("resume-"))
+
+
+def _search(spec: Path, storage_url: str, *args: str):
+    result = CliRunner().invoke(app, ["search", str(spec), "--storage", storage_url, *args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+# ------------------------------------------------------------------ heartbeats
+
+
+def test_writers_heartbeat_readers_do_not_and_settings_are_resumable(
+    tiny_spec, storage_url: str, tmp_path: Path
+) -> None:
+    from autotransfer.exceptions import SpecError
+    from autotransfer.study import create_or_resume, load_study
+
+    spec = tiny_spec()
+    study = create_or_resume(spec, storage_url, tmp_path / "a")
+    backend = study._storage._backend
+    assert (backend.heartbeat_interval, backend.grace_period) == (30, 120)  # the defaults
+    assert isinstance(backend.get_heartbeat_stale_trial_callback(), RetryStaleTrial)
+    assert load_study(storage_url, spec.name)._storage._backend.heartbeat_interval is None
+    # Changing them (or the stall timeout) on resume is allowed: same study.
+    again = create_or_resume(tiny_spec(**FAST_HEARTBEAT, **{"train.stall_timeout": 5}),
+                             storage_url, tmp_path / "a")
+    assert again._storage._backend.grace_period == 2
+    with pytest.raises(SpecError, match="grace_period .* must be longer than heartbeat_interval"):
+        tiny_spec(**{"recovery.heartbeat_interval": 10, "recovery.grace_period": 10})
+
+
+def test_retry_callback_carries_the_epoch_state_once_and_skips_requeued_trials() -> None:
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial({"x": 1.0})
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 2)})
+    for key, value in {"resume_state": "resume-abc", "resume_epoch": 2,
+                       "fail_reason": "worker_lost", "val_accuracy": 0.5}.items():
+        trial.set_user_attr(key, value)
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    retry = RetryStaleTrial(max_retry=1)
+    retry(study, study.trials[0])
+    copy = study.trials[1]
+    assert copy.state == optuna.trial.TrialState.WAITING and copy.params == {"x": 1.0}
+    assert copy.user_attrs == {"resume_state": "resume-abc", "resume_epoch": 2, "retry_of": 0}
+    assert RetryStaleTrial.retried_trial_number(copy) == 0
+    # The copy failing again is not retried (max_retry 1) ...
+    retry(study, copy)
+    assert len(study.trials) == 2
+    # ... and a trial its interrupted worker already queued is not queued twice.
+    other = optuna.create_study()
+    trial = other.ask()
+    trial.set_user_attr("requeued", True)
+    other.tell(trial, state=optuna.trial.TrialState.FAIL)
+    retry(other, other.trials[0])
+    assert len(other.trials) == 1
+
+
+# ------------------------------------------------------------------ SIGKILL
+
+
+@pytest.mark.parametrize("detected_by", ["heartbeat", "process"])
+def test_killed_worker_trial_fails_and_is_retried_once_from_its_last_epoch(
+    detected_by: str, write_spec, storage_url: str, tmp_path: Path
+) -> None:
+    """SIGKILL mid-trial. ``heartbeat``: the trial looks like another machine's,
+    so only its heartbeat (older than the 2 s grace period) tells it is lost.
+    ``process``: a worker of this machine whose process is gone is failed at
+    once, without waiting for the (default, 120 s) grace period."""
+    settings = FAST_HEARTBEAT if detected_by == "heartbeat" else {}
+    spec = write_spec(**{"name": "killed", "train.epochs": 3, "n_trials": 1, **settings})
+    _search(spec, storage_url)  # trial 0 completes
+    done = _trials(storage_url, "killed")[0]
+    proc = _start_worker(spec, storage_url, tmp_path)
+    _wait_for(storage_url, "killed", proc, _saved_an_epoch(1))
+    proc.kill()
+    proc.wait()
+    killed = _trials(storage_url, "killed")[1]
+    assert killed.state == optuna.trial.TrialState.RUNNING  # nobody marked it
+    if detected_by == "heartbeat":
+        storage = open_storage(storage_url)
+        storage.set_trial_user_attr(killed._trial_id, "worker", {"machine": "elsewhere", "pid": 1})
+        time.sleep(3.5)  # SQLite's clock has 1 s steps: well past the 2 s grace period
+
+    result = _search(spec, storage_url)  # one more trial: the retry runs first
+
+    t0, t1, t2 = _trials(storage_url, "killed")
+    assert (t0.state, t0.value, t0.user_attrs) == (done.state, done.value, done.user_attrs)
+    assert t1.state == optuna.trial.TrialState.FAIL
+    assert t1.user_attrs["fail_reason"] == "worker_lost"
+    expected = "no heartbeat" if detected_by == "heartbeat" else "worker process"
+    assert expected in t1.user_attrs["fail_message"]
+    assert f"trial 1: worker lost ({t1.user_attrs['fail_message'][13:]}" in result.stderr
+    epoch = t1.user_attrs["resume_epoch"]
+    assert t2.state == optuna.trial.TrialState.COMPLETE and t2.params == t1.params
+    assert t2.system_attrs["failed_trial"] == 1 and t2.user_attrs["retry_of"] == 1
+    assert t2.user_attrs["resumed_from_epoch"] == epoch >= 1
+    assert f"trial 2 resumes after epoch {epoch}" in result.stderr
+    assert sorted(t2.intermediate_values) == [1, 2, 3]  # earlier epochs reported again
+    assert _resume_states(tmp_path / "autotransfer-artifacts") == []  # all cleaned up
+
+
+# ------------------------------------------------------------------ SIGTERM / Ctrl-C
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_marks_the_trial_exits_promptly_and_it_resumes_on_the_next_run(
+    sig: signal.Signals, write_spec, storage_url: str, tmp_path: Path
+) -> None:
+    spec = write_spec(**{"name": "stopped", "train.epochs": 3, "n_trials": 1})
+    proc = _start_worker(spec, storage_url, tmp_path)
+    _wait_for(storage_url, "stopped", proc, _saved_an_epoch(0))
+    start = time.monotonic()
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig  # 143 / 130
+    assert time.monotonic() - start < 10
+    assert f"interrupted ({sig.name})" in stderr and "Traceback" not in stderr
+    interrupted, queued = _trials(storage_url, "stopped")
+    assert interrupted.state == optuna.trial.TrialState.FAIL
+    assert interrupted.user_attrs["interrupted"] == sig.name
+    assert interrupted.user_attrs["fail_reason"] == "interrupted"
+    assert queued.state == optuna.trial.TrialState.WAITING and queued.params == interrupted.params
+    state = interrupted.user_attrs["resume_state"]
+    assert _resume_states(tmp_path / "autotransfer-artifacts") == [state]  # flushed, whole
+
+    result = _search(spec, storage_url)
+
+    trials = _trials(storage_url, "stopped")
+    assert len(trials) == 2  # queued once, run first, nothing else started
+    assert trials[1].state == optuna.trial.TrialState.COMPLETE
+    assert trials[1].user_attrs["resumed_from_epoch"] == interrupted.user_attrs["resume_epoch"]
+    assert "resumes after epoch" in result.stderr
+
+
+# ------------------------------------------------------------------ hang watchdog
+
+
+def _hanging_host(host, monkeypatch, hangs: int) -> None:
+    """The first ``hangs`` backbones built hang in their first training forward."""
+    real_build = host.build
+    built = []
+
+    def build(ref, **kwargs):
+        backbone = real_build(ref, **kwargs)
+        features, hang = backbone.features, len(built) < hangs
+        built.append(ref)
+
+        def forward(model, x):
+            if hang and model.training:
+                time.sleep(120)
+            return features(model, x)
+
+        return dataclasses.replace(backbone, features=forward)
+
+    monkeypatch.setattr(host, "build", build)
+
+
+def test_hung_trial_is_ended_with_reason_timeout_and_the_study_goes_on(
+    plugin_host, tiny_spec, tiny_splits, tmp_path: Path, monkeypatch
+) -> None:
+    _hanging_host(plugin_host, monkeypatch, hangs=1)
+    spec = tiny_spec(**{"train.epochs": 1, "train.stall_timeout": 1.0})
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial(PARAMS)
+    study.enqueue_trial(PARAMS)
+    objective = Objective(spec, tiny_splits, plugin_host, artifact_store(tmp_path),
+                          Progress(epochs=1))
+    start = time.monotonic()
+    study.optimize(objective, n_trials=2, catch=(TrialError,))
+    assert time.monotonic() - start < 30  # not the 120 s the forward sleeps
+    hung, ok = study.trials
+    assert hung.state == optuna.trial.TrialState.FAIL
+    assert hung.user_attrs["fail_reason"] == "timeout"
+    assert "no batch finished for 1s" in hung.user_attrs["fail_message"]
+    assert ok.state == optuna.trial.TrialState.COMPLETE
+
+
+def test_trial_stuck_where_python_cannot_raise_is_marked_and_the_process_exits(
+    write_spec, storage_url: str, tmp_path: Path
+) -> None:
+    spec = write_spec(**{"name": "stuck", "train.epochs": 1, "train.stall_timeout": 1.0})
+    proc = _start_worker(spec, storage_url, tmp_path, "--hang-stuck")
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert "trial 0 made no progress" in stderr and "marked FAIL (timeout)" in stderr
+    (trial,) = _trials(storage_url, "stuck")
+    assert trial.state == optuna.trial.TrialState.FAIL
+    assert trial.user_attrs["fail_reason"] == "timeout"
+
+
+# ------------------------------------------------------------------ resumable state
+
+
+def test_trainer_restored_from_an_epoch_state_goes_on_exactly_as_if_never_stopped(
+    plugin_host, tiny_spec, tiny_splits
+) -> None:
+    spec = tiny_spec(**{"train.epochs": 3})
+    params = TrialParams(**PARAMS)
+
+    def trainer() -> Trainer:
+        torch.manual_seed(spec.seed)
+        backbone = plugin_host.build(spec.search.backbones[0], num_classes=3, image_size=32)
+        return Trainer(backbone, tiny_splits, params, spec, spec.seed)
+
+    whole, saved = [], io.BytesIO()
+    for result in (a := trainer()).epochs():
+        whole.append(result)
+        if result.epoch == 1:
+            torch.save(a.state_dict(), saved)
+    saved.seek(0)
+    b = trainer()
+    b.load_state_dict(torch.load(saved, weights_only=True))
+    rest = list(b.epochs())
+    assert [r.epoch for r in rest] == [2, 3]
+    strip = [dataclasses.replace(r, seconds=0) for r in whole[1:]]
+    assert [dataclasses.replace(r, seconds=0) for r in rest] == strip
+    assert b.history == a.history and b.best.epoch == a.best.epoch
+    assert all(torch.equal(b.best_state[k], v) for k, v in a.best_state.items())
+
+
+def test_failed_checkpoint_write_keeps_the_previous_state_recorded_and_whole(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import autotransfer.storage as storage
+
+    store = artifact_store(tmp_path / "artifacts")
+    study = optuna.create_study()
+    trial = study.ask()
+    first = save_epoch_state(trial, {"epoch": 1, "w": torch.ones(1000)}, store)
+    real_copy = storage.shutil.copyfileobj
+
+    def disk_full(src, dst, *args):
+        dst.write(src.read(100))  # part of the file, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage.shutil, "copyfileobj", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_epoch_state(trial, {"epoch": 2, "w": torch.zeros(1000)}, store)
+    monkeypatch.setattr(storage.shutil, "copyfileobj", real_copy)
+    assert trial.user_attrs["resume_state"] == first and trial.user_attrs["resume_epoch"] == 1
+    assert sorted(os.listdir(tmp_path / "artifacts")) == [first]  # no half-written file
+    state = load_epoch_state(trial, store)
+    assert state["epoch"] == 1 and torch.equal(state["w"], torch.ones(1000))
+    # The next write that succeeds replaces it and deletes the old one.
+    second = save_epoch_state(trial, {"epoch": 2, "w": torch.zeros(1000)}, store)
+    assert sorted(os.listdir(tmp_path / "artifacts")) == [second]
+
+
+def test_recovery_without_heartbeats_does_nothing(storage_url: str) -> None:
+    study = optuna.create_study(storage=open_storage(storage_url))
+    study.ask()
+    assert recover_lost_trials(study) == []
+    assert study.trials[0].state == optuna.trial.TrialState.RUNNING
