@@ -1,7 +1,8 @@
 """Trial checkpoints: the best epoch's weights as safetensors in the artifact store.
 
 A checkpoint is written to a temporary file and uploaded to Optuna's artifact
-store, so the best model of any trial can be rebuilt later, without retraining,
+store (which writes it atomically: :class:`storage.AtomicFileSystemArtifactStore`),
+so the best model of any trial can be rebuilt later, without retraining,
 through the same build path the trial used (:func:`load_trial_backbone`).
 """
 

@@ -98,7 +98,12 @@ def test_writers_heartbeat_readers_do_not_and_settings_are_resumable(
     backend = study._storage._backend
     assert (backend.heartbeat_interval, backend.grace_period) == (30, 120)  # the defaults
     assert isinstance(backend.get_heartbeat_stale_trial_callback(), RetryStaleTrial)
-    assert load_study(storage_url, spec.name)._storage._backend.heartbeat_interval is None
+    read = load_study(storage_url, spec.name)  # how readers (trials, report) open it
+    assert read._storage._backend.heartbeat_interval is None
+    # A worker loads the study to read its spec; its trial loop reopens it to write.
+    from autotransfer.recovery import writer_study
+
+    assert writer_study(read, spec.recovery)._storage._backend.grace_period == 120
     # Changing them (or the stall timeout) on resume is allowed: same study.
     again = create_or_resume(tiny_spec(**FAST_HEARTBEAT, **{"train.stall_timeout": 5}),
                              storage_url, tmp_path / "a")
