@@ -8,6 +8,7 @@ through the same build path the trial used (:func:`load_trial_backbone`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import tempfile
@@ -19,7 +20,7 @@ from optuna.artifacts import download_artifact, upload_artifact
 from optuna.artifacts._protocol import ArtifactStore
 from safetensors.torch import load_file, save_file
 
-from autotransfer.backbones import Backbone, Preprocessing
+from autotransfer.backbones import Backbone, Preprocessing, TextPreprocessing
 from autotransfer.exceptions import StorageError
 from autotransfer.plugins import PluginHost
 from autotransfer.spec import BackboneRef
@@ -66,11 +67,15 @@ def load_trial_backbone(
     """Rebuild a finished trial's model and load its best checkpoint.
 
     The architecture is built by the same family as in the trial, without its
-    pretrained weights (they are all in the checkpoint); the preprocessing is the
-    one recorded with the trial.
+    pretrained weights (they are all in the checkpoint), except that ``packaged``
+    weights and local weight directories are built from again: they are offline
+    and hold the configuration (and a text model's tokenizer) the trial used. The
+    preprocessing is the one recorded with the trial; for a text model the
+    rebuilt tokenizer must be the one the trial recorded (same sha256).
 
     Raises:
-        StorageError: the trial has no checkpoint (it was pruned or failed).
+        StorageError: the trial has no checkpoint (it was pruned or failed), or
+            a text model's tokenizer is no longer the one it trained with.
     """
     artifact_id = trial.user_attrs.get(CHECKPOINT_ATTR)
     if artifact_id is None:
@@ -81,7 +86,10 @@ def load_trial_backbone(
     check_artifact_id(trial.number, artifact_id)
     ref = BackboneRef.parse(trial.params["backbone"])
     family = host.family(ref.family)
-    build_weights = "none" if "none" in family.weights_sources else ref.weights
+    offline_source = ref.weights == "packaged" or Path(ref.weights).expanduser().is_dir()
+    build_weights = (
+        "none" if "none" in family.weights_sources and not offline_source else ref.weights
+    )
     backbone = host.build(
         BackboneRef(name=ref.name, weights=build_weights),
         num_classes=num_classes,
@@ -93,12 +101,32 @@ def load_trial_backbone(
         state = load_file(str(path))
     backbone.model.load_state_dict(state, strict=True)
     pre = trial.user_attrs.get(PREPROCESSING_ATTR)
-    if pre:
+    if pre and pre.get("kind") == "text":
+        backbone.preprocessing = _recorded_text_preprocessing(trial.number, backbone, pre)
+    elif pre:
         backbone.preprocessing = Preprocessing(
             mean=tuple(pre["mean"]), std=tuple(pre["std"]), interpolation=pre["interpolation"]
         )
     backbone.weights = ref.weights
     return backbone
+
+
+def _recorded_text_preprocessing(
+    number: int, backbone: Backbone, recorded: dict[str, object]
+) -> TextPreprocessing:
+    """The rebuilt tokenizer with the trial's max length, if it is the trial's own."""
+    pre = backbone.preprocessing
+    if not isinstance(pre, TextPreprocessing):
+        raise StorageError(
+            f"trial {number} trained a text model but {backbone.name} now builds an image "
+            "model; restore the model the trial used"
+        )
+    if recorded.get("tokenizer_sha256") not in (None, pre.fingerprint):
+        raise StorageError(
+            f"the tokenizer of {backbone.name} (from '{pre.source}') is not the one trial "
+            f"{number} trained with (sha256 differs); restore that model directory"
+        )
+    return dataclasses.replace(pre, max_length=int(recorded["max_length"]))  # type: ignore[arg-type]
 
 
 ARTIFACT_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")

@@ -1,17 +1,23 @@
-"""Labelled image data: loaded and decoded once, split stratified and seeded.
+"""Labelled data: loaded and decoded once, split stratified and seeded.
 
 Images are kept as one uint8 tensor (N, 3, S, S) at the spec's image size, so
 every trial of a worker reuses the decoded data; normalisation and augmentation
 happen per batch on tensors (:mod:`autotransfer.augment`).
+
+Texts come from a CSV or JSONL file (a text and a label column) and are kept as
+strings; each tokenizer encodes them once per worker (:meth:`TextSet.encoded`)
+and batches are padded to their longest text (:mod:`autotransfer.batches`).
 """
 
 from __future__ import annotations
 
+import csv
+import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,6 +27,8 @@ from autotransfer.spec import DataSpec, SplitSpec
 
 if TYPE_CHECKING:
     import PIL.Image
+
+    from autotransfer.backbones import TextPreprocessing
 
 log = logging.getLogger(__name__)
 
@@ -40,29 +48,77 @@ class ImageSet:
     def __len__(self) -> int:
         return int(self.labels.numel())
 
+    modality = "image"
+    noun = "image"
+
     def subset(self, index: np.ndarray) -> ImageSet:
         idx = torch.as_tensor(index, dtype=torch.long)
         return ImageSet(self.images[idx], self.labels[idx], self.classes)
 
 
 @dataclass
+class TextSet:
+    """Texts, integer labels and the class names.
+
+    ``encoded(pre)`` tokenizes every text once per tokenizer and max length and
+    keeps the token ids, so the trials of a worker that share a backbone share
+    the work.
+    """
+
+    texts: list[str]
+    labels: torch.Tensor
+    classes: list[str]
+    _encoded: dict[tuple[str, int], list[list[int]]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+
+    modality = "text"
+    noun = "text"
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+    def subset(self, index: np.ndarray) -> TextSet:
+        return TextSet([self.texts[i] for i in index], self.labels[torch.as_tensor(index)],
+                       self.classes)
+
+    def encoded(self, pre: TextPreprocessing) -> list[list[int]]:
+        """Token ids of every text under ``pre`` (computed once, then cached)."""
+        key = (pre.fingerprint, pre.max_length)
+        if key not in self._encoded:
+            self._encoded[key] = pre.encode(self.texts)
+        return self._encoded[key]
+
+
+Dataset = ImageSet | TextSet
+
+
+@dataclass
 class Splits:
-    train: ImageSet
-    val: ImageSet
-    test: ImageSet
+    train: Dataset
+    val: Dataset
+    test: Dataset
 
     @property
     def classes(self) -> list[str]:
         return self.train.classes
 
 
-def load_dataset(spec: DataSpec) -> ImageSet:
-    """Load the data set named by ``spec.path`` at ``spec.image_size``.
+    @property
+    def modality(self) -> str:
+        return self.train.modality
+
+
+def load_dataset(spec: DataSpec) -> Dataset:
+    """Load the data set named by ``spec.path`` (images at ``spec.image_size``).
 
     Raises:
         DataError: missing or empty folder, fewer than two classes, files that are
-            not images, or mostly unreadable images.
+            not images, or mostly unreadable images; for a text file: a missing
+            column, an empty text or label, an unreadable line.
     """
+    if spec.modality == "text":
+        return load_text_file(Path(spec.path), spec.text_column, spec.label_column)
     if spec.path == "sklearn:digits":
         return _digits(spec.image_size)
     if ":" in spec.path and not Path(spec.path).exists():
@@ -89,7 +145,10 @@ def _image_folder(root: Path, size: int) -> ImageSet:
     if not root.exists():
         raise DataError(f"data folder '{root}' does not exist; give an image folder (one sub-folder per class)")
     if not root.is_dir():
-        raise DataError(f"data path '{root}' is a file; give an image folder (one sub-folder per class)")
+        raise DataError(
+            f"data path '{root}' is a file; give an image folder (one sub-folder per class) "
+            "or a text data set (.csv or .jsonl)"
+        )
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
         raise DataError(f"data folder '{root}' has no class sub-folders; put each class's images in its own sub-folder")
@@ -165,17 +224,138 @@ def _decode(root: Path, files: list[tuple[Path, int]], classes: list[str], size:
     return ImageSet(images[:n].clone(), torch.tensor(labels, dtype=torch.long), classes)
 
 
+def load_text_file(path: Path, text_column: str = "text", label_column: str = "label") -> TextSet:
+    """Read a ``.csv`` (header row) or ``.jsonl`` (one object per line) text set.
+
+    Labels are read as strings (JSON numbers too); classes are sorted, numerically
+    when every label is an integer.
+
+    Raises:
+        DataError: missing file, missing column (the columns present are named),
+            an empty text or label, an unreadable line (its number is named), no
+            rows, or fewer than two classes.
+    """
+    if not path.exists():
+        raise DataError(
+            f"data file '{path}' does not exist; give a CSV or JSONL file with "
+            f"'{text_column}' and '{label_column}' columns"
+        )
+    if path.is_dir():
+        raise DataError(f"data path '{path}' is a folder; give a .csv or .jsonl file")
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            if path.suffix.lower() == ".csv":
+                rows = _csv_rows(f, path, text_column, label_column)
+            else:
+                rows = _jsonl_rows(f, path, text_column, label_column)
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"data file '{path}' is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+            "save it as UTF-8"
+        ) from None
+    if not rows:
+        raise DataError(f"data file '{path}' has no rows; add labelled texts")
+    names = sorted({label for _, _, label in rows}, key=_label_order)
+    if len(names) < 2:
+        raise DataError(
+            f"data file '{path}' has one class ('{names[0]}'); a classifier needs at least "
+            f"2 different values in column '{label_column}'"
+        )
+    index = {name: i for i, name in enumerate(names)}
+    texts = [text for _, text, _ in rows]
+    labels = torch.tensor([index[label] for _, _, label in rows], dtype=torch.long)
+    return TextSet(texts, labels, names)
+
+
+def _label_order(label: str) -> tuple[int, Any]:
+    try:
+        return (0, int(label))
+    except ValueError:
+        return (1, label)
+
+
+def _check_row(path: Path, line: int, text: Any, label: Any, tc: str, lc: str) -> tuple[str, str]:
+    if not isinstance(text, str) or not text.strip():
+        raise DataError(
+            f"{path}:{line}: empty text in column '{tc}'; fill it in or remove the line"
+        )
+    if isinstance(label, bool) or not isinstance(label, str | int) or not str(label).strip():
+        raise DataError(
+            f"{path}:{line}: label {json.dumps(label)} in column '{lc}' is not a class name; "
+            "use a non-empty string or an integer"
+        )
+    return text, str(label).strip()
+
+
+def _csv_rows(f: Any, path: Path, tc: str, lc: str) -> list[tuple[int, str, str]]:
+    reader = csv.reader(f)
+    rows: list[tuple[int, str, str]] = []
+    try:
+        header = next(reader, None)
+        if header is None:
+            raise DataError(f"data file '{path}' is empty; add a header row and labelled texts")
+        header = [h.strip() for h in header]
+        missing = [c for c in (tc, lc) if c not in header]
+        if missing:
+            raise DataError(
+                f"data file '{path}' has no column {', '.join(repr(c) for c in missing)}; "
+                f"its columns: {', '.join(header)}; name the columns with "
+                "--text-column/--label-column (data.text_column/data.label_column)"
+            )
+        ti, li = header.index(tc), header.index(lc)
+        for row in reader:
+            if not row or not any(cell.strip() for cell in row):
+                continue
+            if len(row) != len(header):
+                raise DataError(
+                    f"{path}:{reader.line_num}: {len(row)} fields, the header has "
+                    f"{len(header)}; quote texts that contain commas"
+                )
+            rows.append((reader.line_num, *_check_row(path, reader.line_num, row[ti], row[li],
+                                                      tc, lc)))
+    except csv.Error as exc:
+        raise DataError(f"{path}:{reader.line_num}: unreadable CSV line ({exc})") from None
+    return rows
+
+
+def _jsonl_rows(f: Any, path: Path, tc: str, lc: str) -> list[tuple[int, str, str]]:
+    rows: list[tuple[int, str, str]] = []
+    for line_no, line in enumerate(f, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"{path}:{line_no}: not a JSON object ({exc.msg}); write one object per line"
+            ) from None
+        if not isinstance(record, dict):
+            raise DataError(
+                f"{path}:{line_no}: a JSON {type(record).__name__}, not an object; write one "
+                f'object per line, e.g. {{"{tc}": "...", "{lc}": "..."}}'
+            )
+        missing = [c for c in (tc, lc) if c not in record]
+        if missing:
+            raise DataError(
+                f"{path}:{line_no}: no field {', '.join(repr(c) for c in missing)}; its fields: "
+                f"{', '.join(record) or 'none'}; name the fields with "
+                "--text-column/--label-column (data.text_column/data.label_column)"
+            )
+        rows.append((line_no, *_check_row(path, line_no, record[tc], record[lc], tc, lc)))
+    return rows
+
+
 def min_per_class(split: SplitSpec) -> int:
     """The fewest images a class needs so each split gets at least one."""
     smallest = min(split.train, split.val, split.test)
     return max(3, math.ceil(1 / smallest))
 
 
-def stratified_split(data: ImageSet, split: SplitSpec, seed: int) -> Splits:
+def stratified_split(data: Dataset, split: SplitSpec, seed: int) -> Splits:
     """Split each class by the fractions in ``split``, shuffled with ``seed``.
 
     Raises:
-        DataError: a class has too few images for every split to get one.
+        DataError: a class has too few examples for every split to get one.
     """
     rng = np.random.default_rng(seed)
     labels = data.labels.numpy()
@@ -185,9 +365,9 @@ def stratified_split(data: ImageSet, split: SplitSpec, seed: int) -> Splits:
         idx = np.flatnonzero(labels == c)
         if len(idx) < need:
             raise DataError(
-                f"class '{name}' has {len(idx)} image(s); the split "
+                f"class '{name}' has {len(idx)} {data.noun}(s); the split "
                 f"train/val/test = {split.train:g}/{split.val:g}/{split.test:g} needs at least "
-                f"{need} per class; add images or change data.split"
+                f"{need} per class; add {data.noun}s or change data.split"
             )
         idx = rng.permutation(idx)
         n_train = max(1, round(split.train * len(idx)))

@@ -20,6 +20,7 @@ import optuna
 import torch
 from optuna.artifacts._protocol import ArtifactStore
 
+from autotransfer.batches import fit_to_data
 from autotransfer.checkpoints import save_checkpoint
 from autotransfer.data import ImageSet, Splits
 from autotransfer.exceptions import AutotransferError
@@ -162,6 +163,7 @@ class Objective:
                 trial, "plugin_error",
                 f"{plugin_label(self.host, ref.family)} failed to build {ref.key}: {exc!r}",
             ) from exc
+        fit_to_data(backbone, self.spec.data)
         return Trainer(backbone, self.splits, params, self.spec, self.spec.seed, self.source)
 
     def _train(self, trial: optuna.Trial, trainer: Trainer, start: float) -> None:

@@ -3,9 +3,11 @@
 - ``l2sp``: squared distance of the trainable trunk weights from their
   pretrained values (L2-SP). No extra forward pass.
 - ``distill``: mean squared distance between the student's pooled features and
-  those of the frozen pretrained model on the same batch (LwF / DELTA style).
+  those of the frozen pretrained model on the same batch (LwF / DELTA style);
+  a batch of images or of texts (:mod:`autotransfer.batches`).
 - ``source``: cross-entropy on batches of a source data set through a source
   head (the original head when the source has as many classes, else a new one).
+  Images only: the spec refuses it for text data.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 
 from autotransfer.augment import normalise
 from autotransfer.backbones import Backbone
+from autotransfer.batches import Batch
 from autotransfer.data import ImageSet
 
 
@@ -29,7 +32,7 @@ class Retention:
         """Extra trainable parameters (e.g. a source head)."""
         return []
 
-    def loss(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    def loss(self, x: Batch, features: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -42,7 +45,7 @@ class L2SP(Retention):
             if p.requires_grad and n not in head
         ]
 
-    def loss(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    def loss(self, x: Batch, features: torch.Tensor) -> torch.Tensor:
         if not self.params:
             return features.new_zeros(())
         return sum((p - p0).pow(2).sum() for p, p0 in self.params)  # type: ignore[return-value]
@@ -53,7 +56,7 @@ class Distill(Retention):
         self.backbone = backbone
         self.teacher = copy.deepcopy(backbone.model).eval().requires_grad_(False)
 
-    def loss(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    def loss(self, x: Batch, features: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             target = self.backbone.features(self.teacher, x)
         return F.mse_loss(features, target)
@@ -85,7 +88,7 @@ class SourceTask(Retention):
                 idx = order[i : i + self.batch_size]
                 yield self.source.images[idx], self.source.labels[idx]
 
-    def loss(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    def loss(self, x: Batch, features: torch.Tensor) -> torch.Tensor:
         images, labels = next(self._batches)
         xs = normalise(images.to(x.device), self.backbone.preprocessing)
         logits = self.head(self.backbone.features(self.backbone.model, xs))

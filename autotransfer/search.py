@@ -15,7 +15,7 @@ import optuna
 import torch
 
 from autotransfer.checkpoints import load_trial_backbone
-from autotransfer.data import ImageSet, Splits, load_dataset, stratified_split
+from autotransfer.data import Dataset, Splits, load_dataset, stratified_split
 from autotransfer.exceptions import AutotransferError, BackboneError, NoSuccessfulTrialsError
 from autotransfer.interrupts import handle_signals
 from autotransfer.objective import Objective, plugin_label
@@ -36,7 +36,7 @@ class SearchOutcome:
     new_trials: int
 
 
-def prepare_data(spec: StudySpec) -> tuple[Splits, ImageSet | None]:
+def prepare_data(spec: StudySpec) -> tuple[Splits, Dataset | None]:
     """Load and split the target set (and the source set, if any)."""
     splits = stratified_split(load_dataset(spec.data), spec.data.split, spec.data.seed)
     source = load_dataset(spec.source) if spec.source is not None else None
@@ -44,10 +44,15 @@ def prepare_data(spec: StudySpec) -> tuple[Splits, ImageSet | None]:
 
 
 def preflight(spec: StudySpec, host: PluginHost, num_classes: int) -> None:
-    """Build each candidate once so bad names or weights fail before any trial."""
+    """Build each candidate once so bad names or weights, or a backbone for the
+    wrong modality (an image model for text data), fail before any trial."""
+    modality = spec.data.modality
     for ref in spec.search.backbones:
+        family = host.family(ref.family)
+        if modality not in family.modality.split("+"):
+            raise BackboneError(_modality_mismatch(ref.key, family.modality, spec))
         try:
-            host.build(ref, num_classes=num_classes, image_size=spec.data.image_size)
+            backbone = host.build(ref, num_classes=num_classes, image_size=spec.data.image_size)
         except AutotransferError:
             raise
         except Exception as exc:  # a plugin's own bug: name it, no traceback
@@ -56,6 +61,21 @@ def preflight(spec: StudySpec, host: PluginHost, num_classes: int) -> None:
                 f"{type(exc).__name__}: {exc}; fix or uninstall the plugin, or drop "
                 f"{ref.key} from search.backbones"
             ) from exc
+        if backbone.modality != modality:
+            raise BackboneError(_modality_mismatch(ref.key, backbone.modality, spec))
+
+
+def _modality_mismatch(key: str, modality: str, spec: StudySpec) -> str:
+    wanted = spec.data.modality
+    example = (
+        "hf:sentence-transformers/all-MiniLM-L6-v2@packaged" if wanted == "text"
+        else "timm:tf_efficientnet_lite0@packaged"
+    )
+    return (
+        f"backbone {key} is a{'n' if modality[0] == 'i' else ''} {modality} model but the "
+        f"data '{spec.data.path}' is {wanted}; choose {wanted} backbones (e.g. {example}) "
+        "or other data"
+    )
 
 
 @dataclass
@@ -132,10 +152,13 @@ def run_search(
     splits = inputs.splits
     study = create_or_resume(spec, storage_url, artifacts)
     # Only now, with all input checked: bad input gets one error line and nothing else.
+    shape = (
+        f"texts (at most {spec.data.max_length} tokens)" if splits.modality == "text"
+        else f"images at {spec.data.image_size}px"
+    )
     progress.message(
         f"data: {spec.data.path}: {len(splits.classes)} classes, "
-        f"{len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test images "
-        f"at {spec.data.image_size}px"
+        f"{len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test {shape}"
     )
     study.set_user_attr(CLASSES_ATTR, list(splits.classes))  # for export: label names
     before = len(study.trials)

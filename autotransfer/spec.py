@@ -28,6 +28,8 @@ from pydantic import (
 from autotransfer.exceptions import SpecError
 
 DEFAULT_SPEC_NAME = "digits.yaml"
+TEXT_SUFFIXES = (".csv", ".jsonl")
+"""A data path with one of these suffixes is a text data set."""
 
 
 class _Model(BaseModel):
@@ -161,15 +163,30 @@ class AugmentSpec(_Model):
 class DataSpec(_Model):
     """A labelled data set.
 
-    ``path`` is an image folder (one sub-folder per class) or a built-in set
-    (``sklearn:digits``).
+    ``path`` is an image folder (one sub-folder per class), a built-in set
+    (``sklearn:digits``), or a text data set: a ``.csv`` file (header row) or a
+    ``.jsonl`` file (one JSON object per line) with a text and a label column.
+    ``image_size`` and ``augment`` apply to images; ``text_column``,
+    ``label_column`` and ``max_length`` to texts.
     """
 
     path: str
     image_size: int = Field(64, ge=8, le=1024)
+    text_column: str = Field("text", min_length=1)
+    label_column: str = Field("label", min_length=1)
+    max_length: int = Field(
+        128, ge=4, le=8192,
+        description="texts are truncated to this many tokens (or the model's own limit, "
+        "if lower)",
+    )
     split: SplitSpec = SplitSpec()
     augment: AugmentSpec = AugmentSpec()
     seed: int = 0
+
+    @property
+    def modality(self) -> str:
+        """``text`` for a CSV/JSONL file, else ``image``."""
+        return "text" if Path(self.path).suffix.lower() in TEXT_SUFFIXES else "image"
 
 
 class SearchSpec(_Model):
@@ -312,6 +329,10 @@ class StudySpec(_Model):
     def _source(self) -> StudySpec:
         if self.retention == "source" and self.source is None:
             raise ValueError("retention 'source' needs a 'source:' data set; add one or use l2sp/distill")
+        if self.retention == "source" and "text" in (self.data.modality, self.source.modality):
+            raise ValueError(
+                "retention 'source' is not supported for text data; use l2sp or distill"
+            )
         return self
 
     def to_json(self) -> str:

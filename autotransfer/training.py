@@ -17,9 +17,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from autotransfer.augment import augment, normalise
 from autotransfer.backbones import Backbone
-from autotransfer.data import ImageSet, Splits
+from autotransfer.batches import Batch, forward, make_batch, take
+from autotransfer.data import Dataset, ImageSet, Splits
 from autotransfer.exceptions import AutotransferError
 from autotransfer.freeze import freeze, freeze_depth, train_mode
 from autotransfer.retention import make_retention
@@ -95,7 +95,7 @@ class EpochResult:
 @torch.no_grad()
 def evaluate(
     backbone: Backbone,
-    data: ImageSet,
+    data: Dataset,
     batch_size: int = 256,
     on_batch: Callable[[], None] | None = None,
 ) -> Metrics:
@@ -108,9 +108,9 @@ def evaluate(
     confusion = torch.zeros((n_classes, n_classes), dtype=torch.long)
     total_loss = 0.0
     for i in range(0, len(data), batch_size):
-        x = normalise(data.images[i : i + batch_size], backbone.preprocessing)
+        x = make_batch(data, slice(i, i + batch_size), backbone)
         y = data.labels[i : i + batch_size]
-        logits = model(x).float()
+        logits = forward(model, x).float()
         total_loss += F.cross_entropy(logits, y, reduction="sum").item()
         pred = logits.argmax(1)
         confusion += torch.bincount(y * n_classes + pred, minlength=n_classes**2).view(
@@ -203,14 +203,14 @@ class Trainer:
         return torch.optim.AdamW(params, lr=self.params.lr, weight_decay=wd)
 
     def _train_epoch(self) -> float:
-        model, pre = self.backbone.model, self.backbone.preprocessing
+        model = self.backbone.model
         train_mode(model, self.frozen_norms)
         data = self.splits.train
         order = torch.randperm(len(data), generator=self.generator)
         total, count = 0.0, 0
         for step, i in enumerate(range(0, len(order), self.params.batch_size)):
             idx = order[i : i + self.params.batch_size]
-            x = augment(normalise(data.images[idx], pre), self.spec.data.augment, self.generator)
+            x = make_batch(data, idx, self.backbone, self.spec.data.augment, self.generator)
             y = data.labels[idx]
             while True:
                 try:
@@ -234,7 +234,7 @@ class Trainer:
                 self.on_batch()
         return total / max(1, count)
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> float:
+    def _step(self, x: Batch, y: torch.Tensor, step: int) -> float:
         """Forward and backward of one optimiser batch, in micro-batches of at most
         ``micro_batch_size`` with the gradients accumulated: each micro-batch's mean
         loss is weighted by its share of the batch, so the gradient (and the
@@ -244,7 +244,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         n, total = len(y), 0.0
         for j in range(0, n, self.micro_batch_size):
-            xb, yb = x[j : j + self.micro_batch_size], y[j : j + self.micro_batch_size]
+            xb = take(x, slice(j, j + self.micro_batch_size))
+            yb = y[j : j + self.micro_batch_size]
             features = self.backbone.features(model, xb)
             logits = self.backbone.classify(model, features)
             loss = F.cross_entropy(logits, yb, label_smoothing=self.spec.train.label_smoothing)

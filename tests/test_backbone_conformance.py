@@ -1,6 +1,7 @@
 """The shipped conformance suite (autotransfer.testing.backbone_family) run on the
 built-in families: timm's test models, small torchvision models, tiny random-init
-Hugging Face configs. torchvision's vit_b_16 (86 M parameters) is checked once in
+Hugging Face configs (ViT, ConvNeXt, and a BERT text encoder with a tokenizer the
+tests write). torchvision's vit_b_16 (86 M parameters) is checked once in
 test_backbone_families.py; the toy plugin runs the suite in test_plugins.py."""
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ CASES = [
     ("torchvision", "mobilenet_v3_small"),
     ("hf", "vit"),
     ("hf", "convnext"),
+    ("hf", "bert"),  # a text encoder: inputs are sentences its own tokenizer encodes
 ]
 
 
@@ -59,6 +61,11 @@ def backbone_case(request: pytest.FixtureRequest) -> BackboneCase:
         return BackboneCase(TorchvisionFamily, model, image_size=32)
     from autotransfer.backbones.hf_family import HFFamily
 
+    if model == "bert":
+        from _text_helpers import save_tiny_bert
+
+        path = save_tiny_bert(request.getfixturevalue("tmp_path_factory").mktemp("bert"))
+        return BackboneCase(HFFamily, str(path), weights="pretrained")
     path = request.getfixturevalue("hf_model_dirs")[model]
     # The directory is the model and its weights: hf:<dir> loads it offline.
     return BackboneCase(HFFamily, str(path), weights="pretrained", image_size=32)

@@ -1,5 +1,11 @@
 """Backbones: the families that build them and what a built one exposes."""
 
-from autotransfer.backbones._base import Backbone, BackboneFamily, Preprocessing
+from autotransfer.backbones._base import (
+    MODALITIES,
+    Backbone,
+    BackboneFamily,
+    Preprocessing,
+    TextPreprocessing,
+)
 
-__all__ = ["Backbone", "BackboneFamily", "Preprocessing"]
+__all__ = ["MODALITIES", "Backbone", "BackboneFamily", "Preprocessing", "TextPreprocessing"]

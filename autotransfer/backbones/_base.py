@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+import hashlib
+import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+MODALITIES = ("image", "text")
+"""What a built backbone classifies."""
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,56 @@ class Preprocessing:
     def to_dict(self) -> dict[str, object]:
         return {"mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation}
 
+
+@dataclass(frozen=True, eq=False)
+class TextPreprocessing:
+    """How texts become model inputs: the weights' own tokenizer and a max length.
+
+    The tokenizer is loaded from the same directory (or hub repository) as the
+    weights, so a local or packaged checkpoint never gets another model's
+    vocabulary. ``tokenizer`` is a ``transformers`` *fast* tokenizer (its
+    ``backend_tokenizer`` is what the export writes as ``tokenizer.json``).
+
+    Attributes:
+        tokenizer: the tokenizer object.
+        max_length: texts are truncated to this many tokens (special tokens
+            included); the study's ``data.max_length`` may lower it.
+        source: where the tokenizer was loaded from (a directory or repo id).
+    """
+
+    tokenizer: Any
+    max_length: int
+    source: str = ""
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return 0 if pad is None else int(pad)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the serialised tokenizer (vocabulary, normaliser, rules),
+        without its per-call truncation and padding settings."""
+        state = json.loads(self.tokenizer.backend_tokenizer.to_str())
+        state.pop("truncation", None)
+        state.pop("padding", None)
+        text = json.dumps(state, sort_keys=True)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text, special tokens added, truncated to ``max_length``."""
+        out = self.tokenizer(
+            list(texts), truncation=True, max_length=self.max_length, padding=False
+        )
+        return [list(ids) for ids in out["input_ids"]]
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "kind": "text",
+            "tokenizer": self.source,
+            "max_length": self.max_length,
+            "tokenizer_sha256": self.fingerprint,
+        }
 
 @dataclass
 class Backbone:
@@ -47,8 +102,12 @@ class Backbone:
         classify: ``classify(model, features)`` returns the logits, so that
             ``classify(model, features(model, x)) == model(x)`` in eval mode.
         num_features: width of those features.
-        preprocessing: mean/std (and interpolation) the weights expect.
+        preprocessing: mean/std (and interpolation) the weights expect, or for
+            a text backbone its tokenizer and max length.
         plugin: the plugin (module) that built it, for error reports.
+        modality: ``image`` (``model(x)`` takes a float NCHW batch) or ``text``
+            (``model(input_ids, attention_mask)``, both (batch, length) int64;
+            a batch is the dict of the two, see :mod:`autotransfer.batches`).
     """
 
     name: str
@@ -59,9 +118,10 @@ class Backbone:
     features: Callable[[nn.Module, torch.Tensor], torch.Tensor]
     classify: Callable[[nn.Module, torch.Tensor], torch.Tensor]
     num_features: int
-    preprocessing: Preprocessing
+    preprocessing: Preprocessing | TextPreprocessing
     plugin: str = ""
     extra: dict[str, object] = field(default_factory=dict)
+    modality: str = "image"
 
 
 class BackboneFamily(abc.ABC):
@@ -74,7 +134,8 @@ class BackboneFamily(abc.ABC):
     name: ClassVar[str]
     """The ``family`` prefix in ``family:model`` (e.g. ``timm``)."""
     modality: ClassVar[str] = "image"
-    """``image`` or ``text``."""
+    """``image``, ``text``, or ``image+text`` for a family that builds both (each
+    built :class:`Backbone` then says which in its own ``modality``)."""
     weights_sources: ClassVar[tuple[str, ...]] = ("pretrained", "none")
     """Named weight sources besides local paths."""
 
@@ -85,6 +146,10 @@ class BackboneFamily(abc.ABC):
     @abc.abstractmethod
     def build(self, model: str, *, weights: str, num_classes: int, image_size: int) -> Backbone:
         """Build ``model`` with ``weights`` and a new head of ``num_classes``.
+
+        ``image_size`` is the study's image side; text backbones ignore it (the
+        study's ``data.max_length`` is applied to their preprocessing after the
+        build).
 
         Raises:
             autotransfer.exceptions.BackboneError: unknown model or weights that

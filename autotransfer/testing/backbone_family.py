@@ -22,6 +22,12 @@ blocks (:func:`autotransfer.freeze.freeze`), a head resized to ``num_classes``,
 ``classify(features(x)) == model(x)`` in eval mode, valid preprocessing. A case
 is built once per test session and deep-copied for each test.
 
+Image backbones get random image batches; text backbones (``modality ==
+"text"``) get a few sentences encoded by their own tokenizer and padded
+(:mod:`autotransfer.batches`), so the checks also show that the tokenizer fits
+the model (token ids inside the vocabulary, max length inside the position
+embeddings).
+
 The ``check_*`` functions are the same checks as plain functions, for use
 outside pytest (``check_all(case)``).
 """
@@ -38,9 +44,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autotransfer.backbones import Backbone, BackboneFamily
+from autotransfer.backbones import MODALITIES, Backbone, BackboneFamily, TextPreprocessing
+from autotransfer.batches import Batch, forward, pad
 from autotransfer.freeze import freeze, freeze_depth, train_mode
 
+SENTENCES = (
+    "the film was good",
+    "a long and very boring movie, i did not like it at all",
+    "great",
+    "the plot made no sense but the music was wonderful",
+)
+"""Text inputs of the checks (a batch takes the first ``batch`` of them, cycling)."""
 INTERPOLATIONS = frozenset({"nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"})
 
 __all__ = [
@@ -98,7 +112,13 @@ class BackboneCase:
         """A fresh backbone (built once per session, then deep-copied)."""
         return copy.deepcopy(_build(self, num_classes or self.num_classes))
 
-    def inputs(self, seed: int = 0) -> torch.Tensor:
+    def inputs(self, seed: int = 0) -> Batch:
+        """A batch for the backbone: random images, or sentences its tokenizer
+        encoded (``seed`` rotates the sentences), padded to the longest."""
+        pre = _build(self, self.num_classes).preprocessing
+        if isinstance(pre, TextPreprocessing):
+            texts = [SENTENCES[(seed + i) % len(SENTENCES)] for i in range(self.batch)]
+            return pad(pre.encode(texts), pre.pad_token_id)
         g = torch.Generator().manual_seed(seed)
         return torch.randn(self.batch, 3, self.image_size, self.image_size, generator=g)
 
@@ -129,13 +149,20 @@ def check_builds(case: BackboneCase) -> None:
     assert all(b.blocks), "empty block"
     assert b.head, "no head parameters"
     assert b.num_features > 0
-    assert family.modality in ("image", "text")
+    assert family.modality in ("image", "text", "image+text"), f"modality {family.modality!r}"
+    assert b.modality in MODALITIES, f"backbone modality {b.modality!r}"
+    assert b.modality in family.modality.split("+"), (
+        f"the family is {family.modality}, the backbone {b.modality}"
+    )
+    assert isinstance(b.preprocessing, TextPreprocessing) == (b.modality == "text"), (
+        "a text backbone needs TextPreprocessing, an image backbone Preprocessing"
+    )
 
 
 def check_forward_cpu(case: BackboneCase) -> None:
     b = case.build()
     b.model.train()
-    y = b.model(case.inputs())
+    y = forward(b.model, case.inputs())
     assert isinstance(y, torch.Tensor), f"model(x) returned {type(y).__name__}, not logits"
     assert y.shape == (case.batch, case.num_classes), f"logits shape {tuple(y.shape)}"
     assert torch.isfinite(y).all()
@@ -144,7 +171,7 @@ def check_forward_cpu(case: BackboneCase) -> None:
 def check_backward_reaches_every_block(case: BackboneCase) -> None:
     b = case.build()
     b.model.train()
-    y = b.model(case.inputs())
+    y = forward(b.model, case.inputs())
     F.cross_entropy(y, torch.arange(case.batch) % case.num_classes).backward()
     params = _params(b.model)
     for name in b.head:
@@ -185,7 +212,7 @@ def check_freezing_k_blocks(case: BackboneCase) -> None:
         }
         train_mode(b.model, frozen_norms)
         opt = torch.optim.SGD([p for p in b.model.parameters() if p.requires_grad], lr=0.1)
-        y = b.model(case.inputs())
+        y = forward(b.model, case.inputs())
         F.cross_entropy(y, torch.arange(case.batch) % case.num_classes).backward()
         opt.step()
         for name in frozen:
@@ -206,8 +233,8 @@ def check_head_reset_changes_output_size(case: BackboneCase) -> None:
     small.model.eval()
     large.model.eval()
     with torch.no_grad():
-        assert small.model(x).shape == (case.batch, case.num_classes)
-        assert large.model(x).shape == (case.batch, other)
+        assert forward(small.model, x).shape == (case.batch, case.num_classes)
+        assert forward(large.model, x).shape == (case.batch, other)
     p_small, p_large = _params(small.model), _params(large.model)
     assert small.head == large.head, "head parameter names depend on num_classes"
     assert sum(p_small[n].numel() for n in small.head) < sum(p_large[n].numel() for n in large.head)
@@ -219,7 +246,7 @@ def check_features_classify_match_model(case: BackboneCase) -> None:
     b.model.eval()
     x = case.inputs()
     with torch.no_grad():
-        logits = b.model(x)
+        logits = forward(b.model, x)
         feats = b.features(b.model, x)
         again = b.classify(b.model, feats)
     assert feats.shape == (case.batch, b.num_features), (
@@ -231,11 +258,44 @@ def check_features_classify_match_model(case: BackboneCase) -> None:
 
 
 def check_preprocessing_is_valid(case: BackboneCase) -> None:
-    pre = case.build().preprocessing
+    b = case.build()
+    pre = b.preprocessing
+    if isinstance(pre, TextPreprocessing):
+        _check_text_preprocessing(b, pre)
+        return
     assert len(pre.mean) == 3 and len(pre.std) == 3, "mean/std need 3 channels"
     assert all(0.0 <= m <= 1.0 and math.isfinite(m) for m in pre.mean), f"mean {pre.mean}"
     assert all(0.0 < s <= 1.0 and math.isfinite(s) for s in pre.std), f"std {pre.std}"
     assert pre.interpolation in INTERPOLATIONS, f"interpolation {pre.interpolation!r}"
+
+
+def _check_text_preprocessing(b: Backbone, pre: TextPreprocessing) -> None:
+    assert pre.max_length >= 4, f"max_length {pre.max_length}"
+    assert pre.tokenizer.pad_token_id is not None, "the tokenizer has no padding token"
+    ids = pre.encode([" ".join(SENTENCES) * 50])[0]
+    assert len(ids) == pre.max_length, "encode() does not truncate to max_length"
+    tables = [(n, m) for n, m in b.model.named_modules() if isinstance(m, nn.Embedding)]
+    words = [m for n, m in tables if "word" in n or "token" in n] or [m for _, m in tables]
+    assert words, "no token embedding in the model"
+    embeddings = words[0]
+    assert max(ids) < embeddings.num_embeddings, (
+        f"token id {max(ids)} outside the embedding's {embeddings.num_embeddings} rows: "
+        "the tokenizer is not the model's"
+    )
+    assert len(pre.tokenizer) <= embeddings.num_embeddings, (
+        f"tokenizer vocabulary {len(pre.tokenizer)} > {embeddings.num_embeddings} embeddings"
+    )
+    positions = [
+        m.num_embeddings for n, m in b.model.named_modules()
+        if isinstance(m, nn.Embedding) and "position" in n
+    ]
+    if positions:
+        assert pre.max_length <= max(positions), (
+            f"max_length {pre.max_length} > {max(positions)} position embeddings"
+        )
+    x = forward(b.model.eval(), pad([ids], pre.pad_token_id))
+    assert torch.isfinite(x).all(), "a max-length text gives non-finite logits"
+    assert len(pre.fingerprint) == 64
 
 
 def check_list_models_filter(case: BackboneCase) -> None:
