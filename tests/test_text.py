@@ -371,3 +371,16 @@ def test_textset_subset_keeps_texts() -> None:
     assert sub.texts == ["c", "a"] and sub.labels.tolist() == [0, 0] and len(sub) == 2
     with pytest.raises(DataError, match="does not exist"):
         load_text_file(Path("/nonexistent/x.csv"))
+
+
+def test_the_shipped_text_study_is_valid_and_its_data_loads() -> None:
+    from autotransfer.data import load_dataset
+    from autotransfer.spec import load_spec
+
+    path = Path(__file__).resolve().parents[1] / "studies" / "support-tickets.yaml"
+    spec = load_spec(path)
+    assert spec.data.modality == "text"
+    data = load_dataset(spec.data)
+    assert data.classes == ["account", "billing", "delivery", "technical"]
+    assert torch.bincount(data.labels).tolist() == [65] * 4
+    assert len(set(data.texts)) == len(data) == 260
