@@ -83,7 +83,7 @@ class WorkerInputs:
     """What every trial of one process needs, loaded and checked once."""
 
     splits: Splits
-    source: ImageSet | None
+    source: Dataset | None
     host: PluginHost
 
 

