@@ -59,7 +59,11 @@ def _quiet(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 
 def _queue_copy(study: optuna.Study, trial: FrozenTrial, system_attrs: dict[str, Any]) -> None:
-    """Add a WAITING trial with ``trial``'s parameters and its epoch state."""
+    """Add a WAITING trial with ``trial``'s parameters and its epoch state,
+    unless a copy of it exists already (two workers that both saw it lost)."""
+    trials = study.get_trials(deepcopy=False)
+    if any(t.user_attrs.get(RETRY_OF_ATTR) == trial.number for t in trials):
+        return
     user_attrs = {k: v for k, v in trial.user_attrs.items() if k in CARRIED_ATTRS}
     user_attrs[RETRY_OF_ATTR] = trial.number
     study.add_trial(

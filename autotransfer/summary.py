@@ -26,6 +26,8 @@ def trial_records(study: optuna.Study) -> list[dict[str, Any]]:
                 "epochs_run": a.get("epochs_run"),
                 "pruned_at_epoch": a.get("pruned_at_epoch"),
                 "fail_reason": a.get("fail_reason"),
+                "retry_of": a.get("retry_of"),
+                "resumed_from_epoch": a.get("resumed_from_epoch"),
                 "seconds": a.get("seconds"),
                 "checkpoint": a.get("checkpoint"),
             }

@@ -126,6 +126,8 @@ def test_retry_callback_carries_the_epoch_state_once_and_skips_requeued_trials()
     assert copy.state == optuna.trial.TrialState.WAITING and copy.params == {"x": 1.0}
     assert copy.user_attrs == {"resume_state": "resume-abc", "resume_epoch": 2, "retry_of": 0}
     assert RetryStaleTrial.retried_trial_number(copy) == 0
+    retry(study, study.trials[0])  # a second worker that also saw trial 0 lost
+    assert len(study.trials) == 2
     # The copy failing again is not retried (max_retry 1) ...
     retry(study, copy)
     assert len(study.trials) == 2
