@@ -273,6 +273,7 @@ class Objective:
             storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
         except Exception as exc:  # noqa: BLE001 - exiting anyway
             print(f"error: could not mark trial {trial.number}: {exc}", file=sys.stderr)
+        self._drop_state(trial)
 
     def _record_best(self, trial: optuna.Trial, trainer: Trainer, start: float) -> None:
         if trainer.best is not None:

@@ -8,8 +8,8 @@ watchdog thread sends a signal to the main thread, whose handler raises
 :class:`TrialStalled` there: the trial fails with reason ``timeout`` and the
 study goes on with the next trial.
 
-If the main thread does not respond within :data:`RESPOND_S` seconds (it is
-stuck in C code, where Python cannot raise), the watchdog marks the trial FAIL
+If the main thread does not respond within ``stall_timeout`` seconds (at least
+5, at most 30: :data:`RESPOND_S`; it is stuck in C code, where Python cannot raise), the watchdog marks the trial FAIL
 (``timeout``) in the storage itself, says so on stderr, and ends the process
 with exit code 1 rather than hang forever.
 """
@@ -28,6 +28,8 @@ from types import FrameType
 WATCHDOG_SIGNAL = signal.SIGUSR2
 RESPOND_S = 30.0
 """Seconds the main thread has to end a stalled trial before the process exits."""
+MIN_RESPOND_S = 5.0
+"""... at least (with a short ``train.stall_timeout``)."""
 UNRESPONSIVE_EXIT = 1
 
 
@@ -45,12 +47,15 @@ class Watchdog:
     Args:
         timeout: seconds without progress (``train.stall_timeout``).
         respond_s: seconds the main thread has to react before
-            ``on_unresponsive`` runs (default: :data:`RESPOND_S`, at most ``timeout``).
+            ``on_unresponsive`` runs (default: ``timeout``, between
+            :data:`MIN_RESPOND_S` and :data:`RESPOND_S`).
     """
 
     def __init__(self, timeout: float, respond_s: float | None = None) -> None:
         self.timeout = timeout
-        self.respond_s = min(RESPOND_S, timeout) if respond_s is None else respond_s
+        self.respond_s = (
+            max(MIN_RESPOND_S, min(RESPOND_S, timeout)) if respond_s is None else respond_s
+        )
         self.fired = False
         self._last = time.monotonic()
         self._done = threading.Event()
