@@ -140,7 +140,13 @@ class Objective:
             trainer.on_batch = None
         assert trainer.best is not None and trainer.best_state is not None
         self._record_best(trial, trainer, start)
-        save_checkpoint(trial, trainer.best_state, trainer.backbone, self.store)
+        try:
+            save_checkpoint(trial, trainer.best_state, trainer.backbone, self.store)
+        except OSError as exc:  # e.g. a full disk: the trial cannot keep its model
+            self._drop_state(trial)
+            raise self._fail(
+                trial, "checkpoint_error", f"could not write the best checkpoint: {exc}"
+            ) from exc
         self._drop_state(trial)
         self.progress.trial_finished(
             trial.number, "COMPLETE",

@@ -49,8 +49,13 @@ def save_epoch_state(trial: optuna.Trial, state: dict[str, Any], store: Artifact
         with open(path, "rb") as f:
             store.write(artifact_id, f)
     previous = trial.user_attrs.get(RESUME_STATE_ATTR)
-    trial.set_user_attr(RESUME_STATE_ATTR, artifact_id)
-    trial.set_user_attr(RESUME_EPOCH_ATTR, int(state["epoch"]))
+    try:
+        trial.set_user_attr(RESUME_STATE_ATTR, artifact_id)
+        trial.set_user_attr(RESUME_EPOCH_ATTR, int(state["epoch"]))
+    except BaseException:  # e.g. SIGTERM right now: do not leave an unrecorded state
+        if trial.user_attrs.get(RESUME_STATE_ATTR) != artifact_id:
+            drop_artifact(store, artifact_id)
+        raise
     if previous and previous != artifact_id:
         check_artifact_id(trial.number, previous)
         drop_artifact(store, previous)

@@ -336,3 +336,28 @@ def test_recovery_without_heartbeats_does_nothing(storage_url: str) -> None:
     study.ask()
     assert recover_lost_trials(study) == []
     assert study.trials[0].state == optuna.trial.TrialState.RUNNING
+
+
+def test_full_disk_fails_only_the_trial_that_cannot_write_its_checkpoint(
+    plugin_host, tiny_spec, tiny_splits, tmp_path: Path, monkeypatch
+) -> None:
+    """Epoch states that cannot be written are reported and training goes on;
+    a best checkpoint that cannot be written fails the trial (checkpoint_error),
+    and the study goes on."""
+    import autotransfer.storage as storage
+
+    def disk_full(src, dst, *args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage.shutil, "copyfileobj", disk_full)
+    spec = tiny_spec(**{"train.epochs": 2})
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial(PARAMS)
+    objective = Objective(spec, tiny_splits, plugin_host, artifact_store(tmp_path / "a"),
+                          Progress(epochs=2))
+    study.optimize(objective, n_trials=1, catch=(TrialError,))
+    (trial,) = study.trials
+    assert trial.state == optuna.trial.TrialState.FAIL and trial.user_attrs["epochs_run"] == 2
+    assert trial.user_attrs["fail_reason"] == "checkpoint_error"
+    assert "No space left" in trial.user_attrs["fail_message"]
+    assert os.listdir(tmp_path / "a") == []  # nothing half-written
