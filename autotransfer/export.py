@@ -10,11 +10,15 @@ and written as::
         model.onnx             ONNX program: plain onnxruntime
         config.json            labels, preprocessing, input/output, metrics, versions
         README.md              model card
+        tokenizer/             text models: the weights' own tokenizer (tokenizer.json)
 
-Both programs take float32 NCHW input that is already normalised
-(``(pixel / 255 - mean) / std``) and return logits. Before the directory is moved
-into place both programs are run on a random batch and compared with the PyTorch
-model; the differences are recorded in ``config.json`` (``verification``).
+For an image model both programs take float32 NCHW input that is already
+normalised (``(pixel / 255 - mean) / std``) and return logits. For a text model
+they take ``input_ids`` and ``attention_mask`` (int64, batch x sequence, both
+axes dynamic) as the tokenizer in ``tokenizer/`` makes them, and return logits.
+Before the directory is moved into place both programs are run on a batch (random
+images, or texts) and compared with the PyTorch model; the differences are
+recorded in ``config.json`` (``verification``).
 
 The directory is written next to ``OUT_DIR`` under a temporary name and renamed
 into place, so a reader never sees half an export.
@@ -49,7 +53,15 @@ ONNX_FILE = "model.onnx"
 CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
 INPUT_NAME = "input"
+TEXT_INPUT_NAMES = ("input_ids", "attention_mask")
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_FILE = "tokenizer/tokenizer.json"
 OUTPUT_NAME = "logits"
+TRACE_TEXTS = ("a short text", "a somewhat longer text to trace the model with")
+VERIFY_TEXTS = (
+    "one", "the export is checked on texts of several lengths, not only one",
+    "and on a batch size other than the traced one",
+)
 ONNX_OPSET = 17
 TRAINING_INTERPOLATION = "bilinear"  # autotransfer.data.square_resize
 PARITY_TOLERANCE = 1e-3  # an export whose programs differ more than this is refused
@@ -182,18 +194,30 @@ def export_trial(
     )
     model = backbone.model.eval()
     size = spec.data.image_size
+    text = backbone.modality == "text"
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         with torch.no_grad():
             _write_weights(model, tmp / WEIGHTS_FILE, backbone.name)
-            example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+            if text:
+                backbone.preprocessing.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+                example: Any = text_inputs(backbone.preprocessing, TRACE_TEXTS)
+                names: tuple[str, ...] = TEXT_INPUT_NAMES
+            else:
+                example = (
+                    torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)),
+                )
+                names = (INPUT_NAME,)
             say("export: tracing TorchScript")
             _write_torchscript(model, example, tmp / TORCHSCRIPT_FILE)
             say("export: writing ONNX")
-            _write_onnx(model, example, tmp / ONNX_FILE)
-            verification = verify(model, tmp, size)
+            _write_onnx(model, example, tmp / ONNX_FILE, names)
+            if text:
+                verification = verify_text(model, tmp, backbone.preprocessing)
+            else:
+                verification = verify(model, tmp, size)
         config = build_config(study, trial, spec, backbone, classes, test, verification)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         (tmp / CARD_FILE).write_text(model_card(config), encoding="utf-8")
@@ -257,10 +281,22 @@ def quiet_torch() -> Iterator[None]:
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.")
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.")
         warnings.filterwarnings("ignore", message=r".*legacy TorchScript-based ONNX export.*")
+        # transformers' text encoders branch on shapes in Python while traced; the
+        # export is traced on a padded batch and verified on other shapes.
+        warnings.filterwarnings("ignore", message=r".*Converting a tensor to a Python boolean.*")
+        warnings.filterwarnings("ignore", message=r".*advanced indexing in opset.*")
         yield
 
 
-def _write_torchscript(model: Any, example: Any, path: Path) -> None:
+def text_inputs(pre: Any, texts: Any) -> tuple[Any, Any]:
+    """``(input_ids, attention_mask)`` of ``texts`` padded to the longest, as in training."""
+    from autotransfer.batches import pad
+
+    batch = pad(pre.encode(list(texts)), pre.pad_token_id)
+    return batch["input_ids"], batch["attention_mask"]
+
+
+def _write_torchscript(model: Any, example: tuple[Any, ...], path: Path) -> None:
     import torch
 
     with quiet_torch():
@@ -268,18 +304,24 @@ def _write_torchscript(model: Any, example: Any, path: Path) -> None:
         torch.jit.save(program, str(path))
 
 
-def _write_onnx(model: Any, example: Any, path: Path) -> None:
+def _write_onnx(
+    model: Any, example: tuple[Any, ...], path: Path, names: tuple[str, ...] = (INPUT_NAME,)
+) -> None:
     import onnx
     import torch
 
+    if names == TEXT_INPUT_NAMES:
+        axes = {name: {0: "batch", 1: "sequence"} for name in names}
+    else:
+        axes = {name: {0: "batch"} for name in names}
     with quiet_torch():
         torch.onnx.export(
             model,
-            (example,),
+            example,
             str(path),
-            input_names=[INPUT_NAME],
+            input_names=list(names),
             output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            dynamic_axes={**axes, OUTPUT_NAME: {0: "batch"}},
             opset_version=ONNX_OPSET,
             dynamo=False,
         )
@@ -293,19 +335,71 @@ def verify(model: Any, export_dir: Path, image_size: int, batch: int = 3) -> dic
     Raises:
         AutotransferError: a difference exceeds :data:`PARITY_TOLERANCE`.
     """
-    import onnxruntime as ort
     import torch
 
     x = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(1))
+    diffs = _compare(model, export_dir, (x,), (INPUT_NAME,))
+    return {"batch": batch, "input": "random normal", **diffs}
+
+
+def verify_text(model: Any, export_dir: Path, pre: Any) -> dict[str, Any]:
+    """:func:`verify` for a text model: a batch of texts of other lengths (and
+    another batch size) than the traced ones, encoded by the exported tokenizer
+    file with the ``tokenizers`` library, as a plain runtime would, and checked to
+    give the same ids as the training tokenizer.
+
+    Raises:
+        AutotransferError: the exported tokenizer or a program disagrees.
+    """
+    ids, mask = text_inputs(pre, VERIFY_TEXTS)
+    plain = encode_plain(export_dir, pre.max_length, pre.pad_token_id, VERIFY_TEXTS)
+    if not (np_equal(plain[0], ids) and np_equal(plain[1], mask)):
+        raise AutotransferError(
+            f"the exported {TOKENIZER_FILE} encodes texts differently from the model's "
+            "tokenizer; report this with the backbone name"
+        )
+    diffs = _compare(model, export_dir, (ids, mask), TEXT_INPUT_NAMES)
+    return {"batch": len(VERIFY_TEXTS), "sequence": int(ids.shape[1]), "input": "texts",
+            "tokenizer": f"{TOKENIZER_FILE} (tokenizers library): same ids", **diffs}
+
+
+def np_equal(a: Any, b: Any) -> bool:
+    import numpy as np
+
+    return bool(np.array_equal(np.asarray(a), np.asarray(b)))
+
+
+def encode_plain(
+    export_dir: Path, max_length: int, pad_id: int, texts: Any
+) -> tuple[Any, Any]:
+    """Encode ``texts`` with ``tokenizer/tokenizer.json`` and the ``tokenizers``
+    library only, as :mod:`autotransfer.predict` (and a user without
+    transformers) does. Returns int64 arrays."""
+    from tokenizers import Tokenizer
+
+    from autotransfer.predict import encode_texts
+
+    tokenizer = Tokenizer.from_file(str(export_dir / TOKENIZER_FILE))
+    return encode_texts(tokenizer, texts, max_length, pad_id)
+
+
+def _compare(
+    model: Any, export_dir: Path, inputs: tuple[Any, ...], names: tuple[str, ...]
+) -> dict[str, Any]:
+    """Max absolute logit differences of both programs from ``model`` on ``inputs``."""
+    import onnxruntime as ort
+    import torch
+
     with torch.no_grad():
-        ref = model(x)
+        ref = model(*inputs)
         with quiet_torch():
             program = torch.jit.load(str(export_dir / TORCHSCRIPT_FILE), map_location="cpu")
-        ts = program(x)
+        ts = program(*inputs)
     session = ort.InferenceSession(
         str(export_dir / ONNX_FILE), providers=["CPUExecutionProvider"]
     )
-    onnx_out = torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0])
+    feed = {n: x.numpy() for n, x in zip(names, inputs, strict=True)}
+    onnx_out = torch.from_numpy(session.run([OUTPUT_NAME], feed)[0])
     diffs = {
         "torchscript_max_abs_diff": float((ts - ref).abs().max()),
         "onnx_max_abs_diff": float((onnx_out - ref).abs().max()),
@@ -316,18 +410,18 @@ def verify(model: Any, export_dir: Path, image_size: int, batch: int = 3) -> dic
                 f"exported program differs from the model: {name} = {diff:.2e} > "
                 f"{PARITY_TOLERANCE:g}; report this with the backbone name"
             )
-    return {"batch": batch, "input": "random normal", **diffs}
+    return diffs
 
 
 def _usual_permissions(root: Path) -> None:
-    """mkdtemp makes a 0700 directory: give it (and its files) the umask's modes."""
+    """mkdtemp makes a 0700 directory: give it (and what is in it) the umask's modes."""
     import os
 
     umask = os.umask(0)
     os.umask(umask)
     root.chmod(0o777 & ~umask)
-    for f in root.iterdir():
-        f.chmod(0o666 & ~umask)
+    for f in root.rglob("*"):
+        f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
 
 
 def _move_into_place(tmp: Path, out_dir: Path) -> None:
@@ -376,22 +470,61 @@ def build_config(
     verification: dict[str, Any],
 ) -> dict[str, Any]:
     """The ``config.json`` mapping (see docs/export.md for each field)."""
-    size = spec.data.image_size
-    pre = backbone.preprocessing
     attrs = trial.user_attrs
+    fields = (
+        _text_fields(spec, backbone, len(classes)) if backbone.modality == "text"
+        else _image_fields(spec, backbone, len(classes))
+    )
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "task": "image-classification",
+        "task": fields["task"],
         "labels": classes,
         "num_classes": len(classes),
-        "files": {
-            "weights": WEIGHTS_FILE,
-            "torchscript": TORCHSCRIPT_FILE,
-            "onnx": ONNX_FILE,
-            "card": CARD_FILE,
+        "files": fields["files"],
+        "input": fields["input"],
+        "output": {
+            "name": OUTPUT_NAME,
+            "dtype": "float32",
+            "shape": ["batch", len(classes)],
+            "kind": "logits",
+            "description": "unnormalised class scores in label order; softmax gives "
+            "probabilities",
         },
+        "preprocessing": fields["preprocessing"],
+        "backbone": fields["backbone"],
+        "trial": {
+            "number": trial.number,
+            "params": dict(trial.params),
+            "frozen_blocks": attrs.get("frozen_blocks"),
+            "n_blocks": attrs.get("n_blocks"),
+            "best_epoch": attrs.get("best_epoch"),
+            "epochs": spec.train.epochs,
+            "retention": spec.retention,
+        },
+        "metrics": {
+            "val": {"accuracy": trial.value, "macro_f1": attrs.get("val_f1")},
+            "test": test,
+        },
+        "data": fields["data"],
+        "study": _study_summary(study),
+        "versions": _versions(),
+        "onnx": {"opset": ONNX_OPSET},
+        "verification": verification,
+    }
+
+
+_FILES = {"weights": WEIGHTS_FILE, "torchscript": TORCHSCRIPT_FILE, "onnx": ONNX_FILE,
+          "card": CARD_FILE}
+
+
+def _image_fields(spec: StudySpec, backbone: Any, n_classes: int) -> dict[str, Any]:
+    size = spec.data.image_size
+    pre = backbone.preprocessing
+    return {
+        "task": "image-classification",
+        "files": dict(_FILES),
         "input": {
             "name": INPUT_NAME,
             "dtype": "float32",
@@ -400,14 +533,6 @@ def build_config(
             "normalised": True,
             "normalisation_in_graph": False,
             "description": "RGB, already normalised: (pixel / 255 - mean) / std",
-        },
-        "output": {
-            "name": OUTPUT_NAME,
-            "dtype": "float32",
-            "shape": ["batch", len(classes)],
-            "kind": "logits",
-            "description": "unnormalised class scores in label order; softmax gives "
-            "probabilities",
         },
         "preprocessing": {
             "image_size": size,
@@ -425,29 +550,52 @@ def build_config(
             # what the weights' authors resized with; training here used bilinear
             "pretrained_interpolation": pre.interpolation,
         },
-        "trial": {
-            "number": trial.number,
-            "params": dict(trial.params),
-            "frozen_blocks": attrs.get("frozen_blocks"),
-            "n_blocks": attrs.get("n_blocks"),
-            "best_epoch": attrs.get("best_epoch"),
-            "epochs": spec.train.epochs,
-            "retention": spec.retention,
-        },
-        "metrics": {
-            "val": {"accuracy": trial.value, "macro_f1": attrs.get("val_f1")},
-            "test": test,
-        },
         "data": {
             "path": spec.data.path,
             "image_size": size,
             "split": spec.data.split.model_dump(),
             "seed": spec.data.seed,
         },
-        "study": _study_summary(study),
-        "versions": _versions(),
-        "onnx": {"opset": ONNX_OPSET},
-        "verification": verification,
+    }
+
+
+def _text_fields(spec: StudySpec, backbone: Any, n_classes: int) -> dict[str, Any]:
+    pre = backbone.preprocessing
+    return {
+        "task": "text-classification",
+        "files": {**_FILES, "tokenizer": TOKENIZER_FILE},
+        "input": {
+            "names": list(TEXT_INPUT_NAMES),
+            "dtype": "int64",
+            "shape": ["batch", "sequence"],
+            "description": "token ids from tokenizer/tokenizer.json (special tokens added, "
+            "truncated to max_length, padded with pad_token_id to the batch's longest "
+            "text) and the attention mask (1 for tokens, 0 for padding)",
+        },
+        "preprocessing": {
+            "kind": "tokenizer",
+            "tokenizer_dir": TOKENIZER_DIR,
+            "tokenizer_file": TOKENIZER_FILE,
+            "max_length": pre.max_length,
+            "truncation": True,
+            "padding": "longest",
+            "pad_token_id": pre.pad_token_id,
+            "tokenizer_sha256": pre.fingerprint,
+        },
+        "backbone": {
+            "name": backbone.name,
+            "weights": backbone.weights,
+            "num_features": backbone.num_features,
+            "pooling": backbone.extra.get("pooling"),
+        },
+        "data": {
+            "path": spec.data.path,
+            "text_column": spec.data.text_column,
+            "label_column": spec.data.label_column,
+            "max_length": spec.data.max_length,
+            "split": spec.data.split.model_dump(),
+            "seed": spec.data.seed,
+        },
     }
 
 
@@ -471,11 +619,27 @@ def model_card(config: dict[str, Any]) -> str:
     params = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in sorted(t["params"].items()))
     labels = ", ".join(c["labels"][:50]) + (" ..." if len(c["labels"]) > 50 else "")
     split = "/".join(f"{data['split'][k]:g}" for k in ("train", "val", "test"))
-    size = pre["image_size"]
+    text = c["task"] == "text-classification"
+    kind, noun = ("Text", "texts") if text else ("Image", "images")
+    io = _text_io(c) if text else _image_io(c)
+    use = _text_use(c) if text else _image_use(c)
+    shape = (
+        f"texts truncated to {pre['max_length']} tokens" if text
+        else f"images at {pre['image_size']} px"
+    )
     running = f", {states['running']} running" if states.get("running") else ""
     trials_line = (
         f"{c['study']['n_trials']} trials: {states.get('complete', 0)} complete, "
         f"{states.get('pruned', 0)} pruned, {states.get('fail', 0)} failed{running}."
+    )
+    tok_line = (
+        f"\n- `{c['preprocessing']['tokenizer_dir']}/`: the tokenizer "
+        "(`tokenizer.json` loads with the `tokenizers` library or transformers' "
+        "`AutoTokenizer`)." if text else ""
+    )
+    checked = (
+        f"{ver.get('batch')} texts, encoded by the exported tokenizer file"
+        if text else "a random batch"
     )
     val_row = f"| {_fmt(val['accuracy'])} | {_fmt(val['macro_f1'])} | |"
     test_row = (
@@ -484,12 +648,12 @@ def model_card(config: dict[str, Any]) -> str:
     )
     return f"""# {bb["name"]} fine-tuned on {data["path"]}
 
-Image classifier ({c["num_classes"]} classes) exported by autotransfer
+{kind} classifier ({c["num_classes"]} classes) exported by autotransfer
 {c["versions"]["autotransfer"]} from trial {t["number"]} of study `{c["study"]["name"]}`.
 
 ## Metrics
 
-| split | accuracy | macro F1 | images |
+| split | accuracy | macro F1 | {noun} |
 |---|---|---|---|
 | validation (used to choose the trial) {val_row}
 | test (held out, never seen by the search) {test_row}
@@ -497,7 +661,7 @@ Image classifier ({c["num_classes"]} classes) exported by autotransfer
 ## Data
 
 `{data["path"]}`, split per class train/val/test = {split} (seed {data["seed"]}),
-images at {size} px. Labels, in output order: {labels}.
+{shape}. Labels, in output order: {labels}.
 
 ## Search
 
@@ -511,7 +675,30 @@ Parameters of the exported trial:
 |---|---|
 {params}
 
-## Input and output
+{io}
+## Files
+
+- `{c["files"]["onnx"]}`: ONNX (opset {c["onnx"]["opset"]}), runs with plain onnxruntime.
+- `{c["files"]["torchscript"]}`: TorchScript, runs with plain torch (`torch.jit.load`).
+- `{c["files"]["weights"]}`: the weights (safetensors) of the `{bb["name"]}` classifier.
+- `config.json`: labels, preprocessing, input/output, metrics, versions.{tok_line}
+
+At export both programs were checked against the PyTorch model on {checked}:
+max abs logit difference {ver["torchscript_max_abs_diff"]:.1e} (TorchScript),
+{ver["onnx_max_abs_diff"]:.1e} (ONNX).
+
+{use}
+## Limits
+
+Trained on {c["data"]["path"]} only; expect it to be wrong on {noun} unlike those.
+Validation and test metrics come from small splits; see the counts above.
+"""
+
+
+def _image_io(c: dict[str, Any]) -> str:
+    pre = c["preprocessing"]
+    size = pre["image_size"]
+    return f"""## Input and output
 
 Both programs take **float32 NCHW input that is already normalised** and return
 **logits** (softmax gives probabilities):
@@ -523,19 +710,29 @@ Both programs take **float32 NCHW input that is already normalised** and return
 Input `{c["input"]["name"]}` shape (batch, 3, {size}, {size}); output
 `{c["output"]["name"]}` shape (batch, {c["num_classes"]}). Normalisation is not part
 of the graphs.
+"""
 
-## Files
 
-- `{c["files"]["onnx"]}`: ONNX (opset {c["onnx"]["opset"]}), runs with plain onnxruntime.
-- `{c["files"]["torchscript"]}`: TorchScript, runs with plain torch (`torch.jit.load`).
-- `{c["files"]["weights"]}`: the weights (safetensors) of the `{bb["name"]}` classifier.
-- `config.json`: labels, preprocessing, input/output, metrics, versions.
+def _text_io(c: dict[str, Any]) -> str:
+    pre = c["preprocessing"]
+    return f"""## Input and output
 
-At export both programs were checked against the PyTorch model on a random batch:
-max abs logit difference {ver["torchscript_max_abs_diff"]:.1e} (TorchScript),
-{ver["onnx_max_abs_diff"]:.1e} (ONNX).
+Both programs take two int64 inputs of shape (batch, sequence), `input_ids` and
+`attention_mask`, and return **logits** (softmax gives probabilities), shape
+(batch, {c["num_classes"]}). Make them with the tokenizer in `{pre["tokenizer_dir"]}/`
+(the fine-tuned backbone's own):
 
-## Use
+1. encode each text with `{pre["tokenizer_file"]}` (special tokens added), truncated to
+   {pre["max_length"]} tokens;
+2. pad every text of the batch to the longest with id {pre["pad_token_id"]};
+3. `attention_mask` is 1 for real tokens and 0 for padding.
+
+Both axes are dynamic: any batch size and any length up to {pre["max_length"]}.
+"""
+
+
+def _image_use(c: dict[str, Any]) -> str:
+    return f"""## Use
 
 ```
 autotransfer predict THIS_DIR image.png more_images/ --top-k 3
@@ -549,9 +746,36 @@ print(model.predict(["image.png"], top_k=3))
 
 Without autotransfer, see config.json for the preprocessing and run `model.onnx` with
 onnxruntime (input name `{c["input"]["name"]}`).
+"""
 
-## Limits
 
-Trained on {c["data"]["path"]} only; expect it to be wrong on images unlike those.
-Validation and test metrics come from small splits; see the image counts above.
+def _text_use(c: dict[str, Any]) -> str:
+    pre = c["preprocessing"]
+    return f"""## Use
+
+```
+autotransfer predict THIS_DIR --text "where is my parcel" --top-k 3
+autotransfer predict THIS_DIR texts.txt        # one text per line; or a .csv/.jsonl file
+```
+
+```python
+import autotransfer
+model = autotransfer.load("THIS_DIR")
+print(model.predict(["where is my parcel"], top_k=3))
+```
+
+Without autotransfer (plain `tokenizers` and `onnxruntime`):
+
+```python
+import numpy as np, onnxruntime as ort
+from tokenizers import Tokenizer
+
+tok = Tokenizer.from_file("THIS_DIR/{pre["tokenizer_file"]}")
+tok.enable_truncation(max_length={pre["max_length"]})
+tok.enable_padding(pad_id={pre["pad_token_id"]})
+enc = tok.encode_batch(["where is my parcel", "I was charged twice"])
+feed = {{"input_ids": np.array([e.ids for e in enc], dtype=np.int64),
+        "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64)}}
+logits = ort.InferenceSession("THIS_DIR/model.onnx").run(["logits"], feed)[0]
+```
 """

@@ -10,10 +10,13 @@
   e.g. on a GPU). A TorchScript archive is read by torch's own restricted loader,
   which builds only TorchScript types, never arbitrary Python objects.
 
-Neither path imports the backbone's library (timm) or rebuilds the model, and no
-``torch.load`` or pickle is involved. Images are decoded exactly as for training
-(:func:`autotransfer.data.square_resize`) and normalised with the exported
-mean/std (:func:`autotransfer.augment.normalise`).
+Neither path imports the backbone's library (timm, transformers) or rebuilds the
+model, and no ``torch.load`` or pickle is involved. Images are decoded exactly as
+for training (:func:`autotransfer.data.square_resize`) and normalised with the
+exported mean/std (:func:`autotransfer.augment.normalise`). Texts are encoded with
+the exported ``tokenizer/tokenizer.json`` by the ``tokenizers`` library (the ids
+the training tokenizer gives; the export checks it), truncated to the exported
+max length and padded to the longest text of each batch.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ if TYPE_CHECKING:
     import PIL.Image
 
 Runtime = Literal["onnx", "torchscript"]
+TEXT_TASK = "text-classification"
+TEXT_FILE_SUFFIXES = (".txt", ".csv", ".jsonl")
+"""Inputs a text model reads: one text per line, or the text column/field."""
 RUNTIMES: tuple[str, ...] = ("onnx", "torchscript")
 BATCH_SIZE = 64
 
@@ -40,7 +46,7 @@ class Prediction:
     """One input's prediction.
 
     Attributes:
-        input: the file path, or ``<image N>`` for an in-memory image.
+        input: the file path, ``<image N>`` for an in-memory image, or the text.
         label: the most probable class.
         probability: its softmax probability.
         top_k: the ``k`` most probable classes, best first, each
@@ -118,12 +124,35 @@ class ExportedModel:
         self.config = read_config(self.path)
         self.labels: list[str] = list(self.config["labels"])
         self.runtime = runtime
+        self.modality = "text" if self.config.get("task") == TEXT_TASK else "image"
         pre = self.config["preprocessing"]
-        self.image_size: int = int(pre["image_size"])
-        self._mean = tuple(float(v) for v in pre["mean"])
-        self._std = tuple(float(v) for v in pre["std"])
-        self._normalise = not self.config["input"].get("normalisation_in_graph", False)
+        if self.modality == "text":
+            self.max_length: int = int(pre["max_length"])
+            self._pad_id = int(pre["pad_token_id"])
+            self._tokenizer = self._load_tokenizer(pre["tokenizer_file"])
+            self._input_names: list[str] = list(self.config["input"]["names"])
+        else:
+            self.image_size: int = int(pre["image_size"])
+            self._mean = tuple(float(v) for v in pre["mean"])
+            self._std = tuple(float(v) for v in pre["std"])
+            self._normalise = not self.config["input"].get("normalisation_in_graph", False)
+            self._input_names = [self.config["input"]["name"]]
         self._run = self._load_program()
+
+    def _load_tokenizer(self, name: str) -> Any:
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:  # pragma: no cover - installed with transformers
+            raise ExportError(
+                "a text model needs the PyPI package 'tokenizers'; pip install tokenizers"
+            ) from None
+        path = self.path / name
+        if not path.is_file():
+            raise ExportError(f"export '{self.path}' has no {name}; export it again")
+        try:
+            return Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises its own untyped errors
+            raise ExportError(f"'{path}' is not a tokenizer file ({exc})") from None
 
     def _load_program(self) -> Any:
         name = self.config["files"][self.runtime]
@@ -141,9 +170,9 @@ class ExportedModel:
             session = ort.InferenceSession(str(program), providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise ExportError(f"'{program}' is not a valid ONNX model ({exc})") from None
-        in_name = self.config["input"]["name"]
         out_name = self.config["output"]["name"]
-        return lambda x: session.run([out_name], {in_name: x})[0]
+        names = self._input_names
+        return lambda *xs: session.run([out_name], dict(zip(names, xs, strict=True)))[0]
 
     def _load_torchscript(self, program: Path) -> Any:
         import torch
@@ -156,9 +185,9 @@ class ExportedModel:
         except RuntimeError as exc:
             raise ExportError(f"'{program}' is not a valid TorchScript program ({exc})") from None
 
-        def run(x: np.ndarray) -> np.ndarray:
+        def run(*xs: np.ndarray) -> np.ndarray:
             with torch.no_grad():
-                return module(torch.from_numpy(x)).numpy()
+                return module(*(torch.from_numpy(x) for x in xs)).numpy()
 
         return run
 
@@ -177,6 +206,11 @@ class ExportedModel:
             x = x.float()
         return self._run(x.contiguous().numpy())
 
+    def text_logits(self, texts: Sequence[str]) -> np.ndarray:
+        """Logits (N, classes) of ``texts``, encoded with the exported tokenizer."""
+        ids, mask = encode_texts(self._tokenizer, texts, self.max_length, self._pad_id)
+        return self._run(ids, mask)
+
     def predict(
         self,
         inputs: str | Path | PIL.Image.Image | Iterable[str | Path | PIL.Image.Image],
@@ -185,35 +219,171 @@ class ExportedModel:
         """Predict the class of each input.
 
         Args:
-            inputs: image files, folders of images (searched recursively, sorted)
-                or PIL images; one or a sequence.
+            inputs: for an image model: image files, folders of images (searched
+                recursively, sorted) or PIL images; for a text model: the texts
+                themselves (strings; read files with :func:`read_texts`). One or
+                a sequence.
             top_k: how many classes to list per input (at most the class count).
 
         Returns:
-            One :class:`Prediction` per image, in input order.
+            One :class:`Prediction` per image or text, in input order.
 
         Raises:
-            DataError: a path is missing, a folder holds no images, or a file
-                cannot be read as an image.
+            DataError: a path is missing, a folder holds no images, a file cannot
+                be read as an image, or inputs of the wrong kind (an image or a
+                path for a text model, an empty text).
         """
         import numpy as np
 
         if top_k < 1:
             raise DataError(f"top_k must be >= 1, got {top_k}")
         k = min(top_k, len(self.labels))
-        items = expand_inputs(inputs)
+        if self.modality == "text":
+            items: list[tuple[str, Any]] = [(t, t) for t in self._texts(inputs)]
+        else:
+            items = expand_inputs(inputs)
+            _refuse_text_files(items)
         out: list[Prediction] = []
         for start in range(0, len(items), BATCH_SIZE):
             chunk = items[start : start + BATCH_SIZE]
-            batch = np.stack([decode(item, self.image_size) for _, item in chunk])
-            probs = _softmax(self.logits(batch.transpose(0, 3, 1, 2)))
-            for (name, _), p in zip(chunk, probs, strict=True):
+            if self.modality == "text":
+                logits = self.text_logits([t for t, _ in chunk])
+            else:
+                batch = np.stack([decode(item, self.image_size) for _, item in chunk])
+                logits = self.logits(batch.transpose(0, 3, 1, 2))
+            for (name, _), p in zip(chunk, _softmax(logits), strict=True):
                 order = np.argsort(-p, kind="stable")[:k]
                 top = [
                     {"label": self.labels[i], "probability": float(p[i])} for i in order
                 ]
                 out.append(Prediction(name, top[0]["label"], top[0]["probability"], top))
         return out
+
+    def _texts(self, inputs: Any) -> list[str]:
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        texts = []
+        for n, item in enumerate(inputs):
+            if _is_image(item) or isinstance(item, Path):
+                shown = f"<image {n}>" if _is_image(item) else f"path '{item}'"
+                raise DataError(
+                    f"{shown}: this model classifies text; give texts (strings), or read "
+                    "a text file with autotransfer.predict.read_texts"
+                )
+            if not isinstance(item, str) or not item.strip():
+                raise DataError(f"input {n} is {item!r}, not a text; give non-empty strings")
+            texts.append(item)
+        if not texts:
+            raise DataError("no inputs; give one or more texts")
+        return texts
+
+    def read_texts(self, paths: Iterable[str | Path]) -> list[str]:
+        """The texts in ``paths`` (see :func:`read_texts`); a CSV/JSONL file's text
+        column is the one the model was trained on."""
+        column = str(self.config.get("data", {}).get("text_column", "text"))
+        return read_texts(paths, column)
+
+
+def encode_texts(
+    tokenizer: Any, texts: Sequence[str], max_length: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``input_ids`` and ``attention_mask`` (int64, N x longest) of ``texts`` with a
+    ``tokenizers.Tokenizer``: special tokens added, truncated to ``max_length``,
+    padded with ``pad_id`` to the longest text, as in training."""
+    import numpy as np
+
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_length=max_length)
+    enc = tokenizer.encode_batch(list(texts))
+    length = max(len(e.ids) for e in enc)
+    ids = np.full((len(enc), length), pad_id, dtype=np.int64)
+    mask = np.zeros((len(enc), length), dtype=np.int64)
+    for i, e in enumerate(enc):
+        ids[i, : len(e.ids)] = e.ids
+        mask[i, : len(e.ids)] = 1
+    return ids, mask
+
+
+def read_texts(paths: Iterable[str | Path], column: str = "text") -> list[str]:
+    """Texts from files: ``.txt`` (one text per non-blank line), ``.csv`` (the
+    ``column`` of a file with a header row) or ``.jsonl`` (the ``column`` field).
+
+    Raises:
+        DataError: a missing file, an image or other binary file, a missing
+            column, an unreadable line, or no texts at all.
+    """
+    from autotransfer.data import IMAGE_EXTENSIONS
+
+    texts: list[str] = []
+    for item in paths:
+        path = Path(item)
+        if not path.exists():
+            raise DataError(
+                f"input '{path}' does not exist; give text files (.txt one text per line, "
+                ".csv, .jsonl) or --text"
+            )
+        if path.is_dir() or path.suffix.lower() in IMAGE_EXTENSIONS:
+            what = "a folder" if path.is_dir() else "an image"
+            raise DataError(
+                f"'{path}' is {what}; this model classifies text: give text files "
+                "(.txt one text per line, .csv, .jsonl) or --text"
+            )
+        try:
+            if path.suffix.lower() in (".csv", ".jsonl"):
+                texts += _column(path, column)
+                continue
+            lines = path.read_text(encoding="utf-8-sig").splitlines()
+        except UnicodeDecodeError:
+            raise DataError(
+                f"'{path}' is not UTF-8 text; this model classifies text: give text files "
+                "(.txt one text per line, .csv, .jsonl) or --text"
+            ) from None
+        texts += [line for line in lines if line.strip()]
+    if not texts:
+        raise DataError("no texts in the inputs; give non-empty text files or --text")
+    return texts
+
+
+def _column(path: Path, column: str) -> list[str]:
+    """The ``column`` of a CSV/JSONL file (its labels, if any, are not needed)."""
+    import csv
+    import json
+
+    if path.suffix.lower() == ".jsonl":
+        out = []
+        for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{n}: not a JSON object ({exc.msg})") from None
+            if not isinstance(record, dict) or column not in record:
+                raise DataError(f"{path}:{n}: no field '{column}'; the model reads '{column}'")
+            out.append(str(record[column]))
+        return out
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f)
+        header = [h.strip() for h in next(reader, [])]
+        if column not in header:
+            raise DataError(
+                f"'{path}' has no column '{column}' (its columns: {', '.join(header) or 'none'}); "
+                "the model reads that column"
+            )
+        i = header.index(column)
+        try:
+            return [row[i] for row in reader if len(row) > i and row[i].strip()]
+        except csv.Error as exc:
+            raise DataError(f"{path}:{reader.line_num}: unreadable CSV line ({exc})") from None
+
+
+def _refuse_text_files(items: list[tuple[str, Any]]) -> None:
+    for name, item in items:
+        if isinstance(item, Path) and item.suffix.lower() in TEXT_FILE_SUFFIXES:
+            raise DataError(
+                f"'{name}' is a text file; this model classifies images: give image files "
+                "or folders"
+            )
 
 
 def load(export_dir: str | Path, runtime: Runtime = "onnx") -> ExportedModel:
@@ -305,4 +475,6 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-__all__: Sequence[str] = ("ExportedModel", "Prediction", "load", "read_config")
+__all__: Sequence[str] = (
+    "ExportedModel", "Prediction", "encode_texts", "load", "read_config", "read_texts",
+)

@@ -1,4 +1,4 @@
-"""``autotransfer predict``: classify images with an exported model."""
+"""``autotransfer predict``: classify images or texts with an exported model."""
 
 from __future__ import annotations
 
@@ -13,9 +13,17 @@ def predict(
         Path, typer.Argument(help="Directory made by `autotransfer export`.", show_default=False)
     ],
     inputs: Annotated[
-        list[Path],
-        typer.Argument(help="Image files or folders of images.", show_default=False),
-    ],
+        list[Path] | None,
+        typer.Argument(
+            help="Image model: image files or folders of images. Text model: text files "
+            "(.txt one text per line, or the text column of a .csv/.jsonl).",
+            show_default=False,
+        ),
+    ] = None,
+    text: Annotated[
+        list[str] | None,
+        typer.Option("--text", "-t", help="Text model: a text to classify (repeatable)."),
+    ] = None,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print JSON instead of a table.")
     ] = False,
@@ -27,14 +35,27 @@ def predict(
         typer.Option(help="Program to run: onnx (ONNX Runtime) or torchscript."),
     ] = "onnx",
 ) -> None:
-    """Predict the class of each image: label and probability, one row per image."""
+    """Predict the class of each image or text: label and probability, one row each."""
     import json
     import sys
 
+    from autotransfer.exceptions import DataError
     from autotransfer.predict import load
 
     model = load(export_dir, runtime)  # type: ignore[arg-type]
-    predictions = model.predict(inputs, top_k=top_k)
+    if model.modality == "text":
+        texts = [*(text or []), *(model.read_texts(inputs) if inputs else [])]
+        if not texts:
+            raise DataError("no inputs; give text files or --text \"some text\"")
+        predictions = model.predict(texts, top_k=top_k)
+    else:
+        if text:
+            raise DataError(
+                f"--text {text[0]!r}: this model classifies images; give image files or folders"
+            )
+        if not inputs:
+            raise DataError("no inputs; give image files or folders of images")
+        predictions = model.predict(inputs, top_k=top_k)
     if json_out:
         out = {
             "export": str(export_dir),
