@@ -381,8 +381,8 @@ def _refuse_text_files(items: list[tuple[str, Any]]) -> None:
     for name, item in items:
         if isinstance(item, Path) and item.suffix.lower() in TEXT_FILE_SUFFIXES:
             raise DataError(
-                f"'{name}' is a text file; this model classifies images: give image files "
-                "or folders"
+                f"cannot read '{name}' as an image: it is a text file; this model "
+                "classifies images: give image files or folders"
             )
 
 
