@@ -38,7 +38,10 @@ def sentences(per_class: int = 20, seed: int = 0) -> list[tuple[str, str]]:
     return rows
 
 
-def write_csv(path: Path, rows: list[tuple[str, str]], columns: tuple[str, str] = ("text", "label")) -> Path:
+Columns = tuple[str, str]
+
+
+def write_csv(path: Path, rows: list[tuple[str, str]], columns: Columns = ("text", "label")) -> Path:
     with path.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(columns)
@@ -46,7 +49,9 @@ def write_csv(path: Path, rows: list[tuple[str, str]], columns: tuple[str, str] 
     return path
 
 
-def write_jsonl(path: Path, rows: list[tuple[str, str]], columns: tuple[str, str] = ("text", "label")) -> Path:
+def write_jsonl(
+    path: Path, rows: list[tuple[str, str]], columns: Columns = ("text", "label")
+) -> Path:
     path.write_text(
         "".join(json.dumps(dict(zip(columns, r, strict=True))) + "\n" for r in rows),
         encoding="utf-8",
