@@ -41,7 +41,9 @@ def sentences(per_class: int = 20, seed: int = 0) -> list[tuple[str, str]]:
 Columns = tuple[str, str]
 
 
-def write_csv(path: Path, rows: list[tuple[str, str]], columns: Columns = ("text", "label")) -> Path:
+def write_csv(
+    path: Path, rows: list[tuple[str, str]], columns: Columns = ("text", "label")
+) -> Path:
     with path.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(columns)
