@@ -39,9 +39,10 @@ PARAMS = {"backbone": "timm:test_resnet@none", "freeze": 0.2, "lr": 5e-3,
 FAST_HEARTBEAT = {"recovery.heartbeat_interval": 1, "recovery.grace_period": 2}
 
 
-def _trials(storage_url: str, name: str) -> list[optuna.trial.FrozenTrial]:
+def _trials(storage_url: str, name: str, storage=None) -> list[optuna.trial.FrozenTrial]:
     """The study's trials, read like `autotransfer trials` does (no heartbeats)."""
-    return optuna.load_study(study_name=name, storage=open_storage(storage_url)).trials
+    storage = storage or open_storage(storage_url)
+    return optuna.load_study(study_name=name, storage=storage).trials
 
 
 def _start_worker(spec: Path, storage_url: str, tmp_path: Path, *extra: str,
@@ -54,11 +55,11 @@ def _start_worker(spec: Path, storage_url: str, tmp_path: Path, *extra: str,
 
 def _wait_for(storage_url: str, name: str, proc: subprocess.Popen,
               ready: Callable[[list[optuna.trial.FrozenTrial]], bool], limit: float = 120) -> None:
-    deadline = time.monotonic() + limit
+    deadline, storage = time.monotonic() + limit, open_storage(storage_url)
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
         try:
-            if ready(_trials(storage_url, name)):
+            if ready(_trials(storage_url, name, storage)):
                 return
         except KeyError:  # the study is not created yet
             pass
@@ -152,7 +153,7 @@ def test_killed_worker_trial_fails_and_is_retried_once_from_its_last_epoch(
     ``process``: a worker of this machine whose process is gone is failed at
     once, without waiting for the (default, 120 s) grace period."""
     settings = FAST_HEARTBEAT if detected_by == "heartbeat" else {}
-    spec = write_spec(**{"name": "killed", "train.epochs": 3, "n_trials": 1, **settings})
+    spec = write_spec(**{"name": "killed", "train.epochs": 4, "n_trials": 1, **settings})
     _search(spec, storage_url)  # trial 0 completes
     done = _trials(storage_url, "killed")[0]
     proc = _start_worker(spec, storage_url, tmp_path)
@@ -180,7 +181,7 @@ def test_killed_worker_trial_fails_and_is_retried_once_from_its_last_epoch(
     assert t2.system_attrs["failed_trial"] == 1 and t2.user_attrs["retry_of"] == 1
     assert t2.user_attrs["resumed_from_epoch"] == epoch >= 1
     assert f"trial 2 resumes after epoch {epoch}" in result.stderr
-    assert sorted(t2.intermediate_values) == [1, 2, 3]  # earlier epochs reported again
+    assert sorted(t2.intermediate_values) == [1, 2, 3, 4]  # earlier epochs reported again
     assert _resume_states(tmp_path / "autotransfer-artifacts") == []  # all cleaned up
 
 
@@ -191,7 +192,7 @@ def test_killed_worker_trial_fails_and_is_retried_once_from_its_last_epoch(
 def test_signal_marks_the_trial_exits_promptly_and_it_resumes_on_the_next_run(
     sig: signal.Signals, write_spec, storage_url: str, tmp_path: Path
 ) -> None:
-    spec = write_spec(**{"name": "stopped", "train.epochs": 3, "n_trials": 1})
+    spec = write_spec(**{"name": "stopped", "train.epochs": 4, "n_trials": 1})
     proc = _start_worker(spec, storage_url, tmp_path)
     _wait_for(storage_url, "stopped", proc, _saved_an_epoch(0))
     start = time.monotonic()
@@ -301,6 +302,45 @@ def test_trainer_restored_from_an_epoch_state_goes_on_exactly_as_if_never_stoppe
     assert [dataclasses.replace(r, seconds=0) for r in rest] == strip
     assert b.history == a.history and b.best.epoch == a.best.epoch
     assert all(torch.equal(b.best_state[k], v) for k, v in a.best_state.items())
+
+
+def test_text_trainer_with_dropout_resumes_exactly_too(plugin_host, tmp_path: Path) -> None:
+    """A text encoder trains with dropout, drawn from torch's global generator:
+    the epoch state carries that generator too."""
+    pytest.importorskip("transformers")
+    from _text_helpers import save_tiny_bert, sentences, write_csv
+
+    from autotransfer.data import load_text_file, stratified_split
+    from autotransfer.spec import validate_spec
+
+    bert = save_tiny_bert(tmp_path / "bert")
+    data = write_csv(tmp_path / "topics.csv", sentences(8))
+    spec = validate_spec({
+        "name": "t", "data": {"path": str(data), "split": {"train": 0.5, "val": 0.25,
+                                                           "test": 0.25}},
+        "search": {"backbones": [f"hf:{bert}@pretrained"], "freeze": 0.0, "lr": 1e-2,
+                   "batch_size": 4, "alpha": 0.1},
+        "train": {"epochs": 2, "threads": 2},
+    })
+    splits = stratified_split(load_text_file(data), spec.data.split, 0)
+    params = TrialParams(spec.search.backbones[0].key, 0.0, 1e-2, 1e-4, 4, 0.1)
+
+    def trainer() -> Trainer:
+        torch.manual_seed(0)
+        backbone = plugin_host.build(spec.search.backbones[0], num_classes=3, image_size=32)
+        return Trainer(backbone, splits, params, spec, seed=0)
+
+    saved = io.BytesIO()
+    a = trainer()
+    whole = []
+    for result in a.epochs():
+        whole.append(dataclasses.replace(result, seconds=0))
+        if result.epoch == 1:
+            torch.save(a.state_dict(), saved)
+    saved.seek(0)
+    b = trainer()
+    b.load_state_dict(torch.load(saved, weights_only=True))
+    assert [dataclasses.replace(r, seconds=0) for r in b.epochs()] == whole[1:]
 
 
 def test_failed_checkpoint_write_keeps_the_previous_state_recorded_and_whole(
