@@ -48,6 +48,9 @@ def suggest_float(trial: optuna.Trial, name: str, space: FloatParam) -> float:
     return trial.suggest_float(name, space, space)
 
 
+PARAM_NAMES = ("backbone", "freeze", "lr", "weight_decay", "batch_size", "alpha")
+
+
 def sample_params(trial: optuna.Trial, spec: StudySpec) -> TrialParams:
     """Sample one point of the search space in ``spec.search``."""
     s = spec.search
@@ -102,6 +105,13 @@ class Objective:
         self.refs = {b.key: b for b in spec.search.backbones}
 
     def __call__(self, trial: optuna.Trial) -> float:
+        try:
+            return self._run(trial)
+        except KeyboardInterrupt as exc:  # SIGTERM or Ctrl-C (autotransfer.interrupts)
+            self._interrupted(trial, exc)
+            raise
+
+    def _run(self, trial: optuna.Trial) -> float:
         params = sample_params(trial, self.spec)
         ref = self.refs[params.backbone]
         trial.set_user_attr(WORKER_ATTR, worker_identity())
@@ -126,9 +136,6 @@ class Objective:
             raise self._fail(trial, "timeout", f"trial {trial.number}: {exc}") from None
         except optuna.TrialPruned:
             self._drop_state(trial)
-            raise
-        except KeyboardInterrupt as exc:  # SIGTERM or Ctrl-C (autotransfer.interrupts)
-            self._interrupted(trial, exc)
             raise
         except Exception as exc:
             self._drop_state(trial)
@@ -245,6 +252,8 @@ class Objective:
         try:
             trial.set_user_attr(FAIL_REASON_ATTR, "interrupted")
             trial.set_user_attr("fail_message", f"interrupted by {name}")
+            if len(trial.params) < len(PARAM_NAMES):  # stopped while sampling: not started
+                return
             requeue_interrupted(trial, name)
         except Exception as error:  # noqa: BLE001 - the interrupt matters more
             self.progress.message(

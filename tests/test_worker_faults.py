@@ -218,6 +218,25 @@ def test_signal_marks_the_trial_exits_promptly_and_it_resumes_on_the_next_run(
     assert "resumes after epoch" in result.stderr
 
 
+def test_ctrl_c_while_the_backbone_builds_still_queues_the_trial_again(
+    plugin_host, tiny_spec, tiny_splits, tmp_path: Path, monkeypatch
+) -> None:
+    def build(ref, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plugin_host, "build", build)
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial(PARAMS)
+    objective = Objective(tiny_spec(), tiny_splits, plugin_host, artifact_store(tmp_path),
+                          Progress(epochs=2))
+    with pytest.raises(KeyboardInterrupt):
+        study.optimize(objective, n_trials=1, catch=(TrialError,))
+    stopped, queued = study.trials
+    assert stopped.state == optuna.trial.TrialState.FAIL
+    assert stopped.user_attrs["interrupted"] == "SIGINT"
+    assert queued.state == optuna.trial.TrialState.WAITING and queued.params == PARAMS
+
+
 # ------------------------------------------------------------------ hang watchdog
 
 
