@@ -138,7 +138,7 @@ def _summary(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> str
         best_rows += [
             ("test accuracy", _num(test.get("accuracy"), ".4f")),
             ("test macro F1", _num(test.get("macro_f1"), ".4f")),
-            ("test images", test.get("n")),
+            ("test set size", test.get("n")),
         ]
     else:
         best_rows.append(("test metrics", "not computed yet (the search computes them at its end)"))

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from pydantic import ValidationError
 
 from autotransfer import __version__
 from autotransfer.exceptions import SpecError, StorageError
@@ -67,9 +68,21 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def spec_changes(stored: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Dotted names of fields that differ, ignoring :data:`RESUMABLE_FIELDS`."""
-    a, b = _flatten(stored), _flatten(new)
+    """Dotted names of fields that differ, ignoring :data:`RESUMABLE_FIELDS`.
+
+    A field missing from ``stored`` (a spec saved by an older autotransfer, before
+    the field existed, e.g. ``data.text_column``) counts as its default, which is
+    what that study ran with.
+    """
+    a, b = _flatten(_with_defaults(stored)), _flatten(new)
     return sorted(k for k in a.keys() | b.keys() if k not in RESUMABLE_FIELDS and a.get(k) != b.get(k))
+
+
+def _with_defaults(stored: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return StudySpec.model_validate(stored).model_dump(mode="json")
+    except ValidationError:  # not a spec this version can read: compare it as stored
+        return stored
 
 
 def create_or_resume(spec: StudySpec, storage_url: str, artifacts: Path) -> optuna.Study:

@@ -384,3 +384,23 @@ def test_the_shipped_text_study_is_valid_and_its_data_loads() -> None:
     assert data.classes == ["account", "billing", "delivery", "technical"]
     assert torch.bincount(data.labels).tolist() == [65] * 4
     assert len(set(data.texts)) == len(data) == 260
+
+
+def test_a_study_saved_before_the_text_fields_existed_resumes(
+    tiny_spec, tmp_path: Path
+) -> None:
+    """A spec stored without data.text_column/label_column/max_length (saved by an
+    older autotransfer) resumes: missing fields count as their defaults."""
+    from autotransfer.study import SPEC_ATTR, create_or_resume
+
+    spec = tiny_spec()
+    storage = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    study = create_or_resume(spec, storage, tmp_path / "artifacts")
+    old = spec.model_dump(mode="json")
+    for key in ("text_column", "label_column", "max_length"):
+        del old["data"][key]
+    study.set_user_attr(SPEC_ATTR, old)
+    assert create_or_resume(spec, storage, tmp_path / "artifacts").study_name == "tiny"
+    changed = spec.model_copy(update={"data": spec.data.model_copy(update={"max_length": 64})})
+    with pytest.raises(SpecError, match=r"changed: data\.max_length"):
+        create_or_resume(changed, storage, tmp_path / "artifacts")
