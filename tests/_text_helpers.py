@@ -61,10 +61,14 @@ def write_jsonl(
     return path
 
 
-def save_tiny_bert(root: Path, hidden: int = 16, layers: int = 2) -> Path:
+def save_tiny_bert(
+    root: Path, hidden: int = 16, layers: int = 2, model_type: str = "bert"
+) -> Path:
     """A random-init BERT (hidden 16, 2 layers) and a WordPiece tokenizer whose
     vocabulary is the words of :data:`TOPICS` and :data:`FRAMES`, saved with
-    ``save_pretrained``: a model directory that ``hf:<dir>`` loads offline."""
+    ``save_pretrained``: a model directory that ``hf:<dir>`` loads offline.
+    ``model_type`` ``distilbert`` or ``roberta`` saves that architecture instead
+    (same tokenizer), for the other layouts of BERT-like encoders."""
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordPiece
     from transformers import AutoModel, BertConfig, PreTrainedTokenizerFast
@@ -86,9 +90,25 @@ def save_tiny_bert(root: Path, hidden: int = 16, layers: int = 2) -> Path:
         cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
     )
     tokenizer.save_pretrained(root)
-    config = BertConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
-        num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=64,
-    )
+    if model_type == "distilbert":
+        from transformers import DistilBertConfig
+
+        config = DistilBertConfig(vocab_size=len(tokenizer), dim=hidden, n_layers=layers,
+                                  n_heads=2, hidden_dim=2 * hidden, max_position_embeddings=64)
+        AutoModel.from_config(config).save_pretrained(root)  # no pooler to leave out
+        return root
+    if model_type == "roberta":
+        from transformers import RobertaConfig
+
+        config = RobertaConfig(  # positions start after the padding index
+            vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+            num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=66,
+            pad_token_id=0,
+        )
+    else:
+        config = BertConfig(
+            vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+            num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=64,
+        )
     AutoModel.from_config(config, add_pooling_layer=False).save_pretrained(root)
     return root

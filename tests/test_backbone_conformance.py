@@ -1,8 +1,9 @@
 """The shipped conformance suite (autotransfer.testing.backbone_family) run on the
 built-in families: timm's test models, small torchvision models, tiny random-init
-Hugging Face configs (ViT, ConvNeXt, and a BERT text encoder with a tokenizer the
-tests write). torchvision's vit_b_16 (86 M parameters) is checked once in
-test_backbone_families.py; the toy plugin runs the suite in test_plugins.py."""
+Hugging Face configs (ViT, ConvNeXt, and BERT, DistilBERT and RoBERTa text
+encoders with a tokenizer the tests write). torchvision's vit_b_16 (86 M
+parameters) is checked once in test_backbone_families.py; the toy plugin runs the
+suite in test_plugins.py."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ CASES = [
     ("hf", "vit"),
     ("hf", "convnext"),
     ("hf", "bert"),  # a text encoder: inputs are sentences its own tokenizer encodes
+    ("hf", "distilbert"),  # layers under `transformer`, no pooler
+    ("hf", "roberta"),  # position ids offset by the padding index
 ]
 
 
@@ -61,10 +64,11 @@ def backbone_case(request: pytest.FixtureRequest) -> BackboneCase:
         return BackboneCase(TorchvisionFamily, model, image_size=32)
     from autotransfer.backbones.hf_family import HFFamily
 
-    if model == "bert":
+    if model in ("bert", "distilbert", "roberta"):
         from _text_helpers import save_tiny_bert
 
-        path = save_tiny_bert(request.getfixturevalue("tmp_path_factory").mktemp("bert"))
+        root = request.getfixturevalue("tmp_path_factory").mktemp(model)
+        path = save_tiny_bert(root, model_type=model)
         return BackboneCase(HFFamily, str(path), weights="pretrained")
     path = request.getfixturevalue("hf_model_dirs")[model]
     # The directory is the model and its weights: hf:<dir> loads it offline.

@@ -344,7 +344,8 @@ class HFFamily(BackboneFamily):
             if not getattr(config, "vocab_size", None):
                 raise BackboneError(
                     f"{ref} is a '{config.model_type}' model; the hf family builds image "
-                    "models (ViT, ConvNeXt, ...) and text encoders (BERT, MiniLM, ...)"
+                    "models (ViT, ConvNeXt, ...) and text encoders (BERT, MiniLM, DistilBERT, "
+                    "RoBERTa, ...)"
                 )
             return self._build_text(
                 ref, weights, source, local, config, hub, from_files, weights_path, num_classes
