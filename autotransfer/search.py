@@ -14,6 +14,7 @@ from pathlib import Path
 import optuna
 import torch
 
+from autotransfer.budget import BudgetedStudy, BudgetSpent, budget_lock
 from autotransfer.checkpoints import load_trial_backbone
 from autotransfer.data import Dataset, Splits, load_dataset, stratified_split
 from autotransfer.exceptions import AutotransferError, BackboneError, NoSuccessfulTrialsError
@@ -102,6 +103,7 @@ def load_worker_inputs(spec: StudySpec) -> WorkerInputs:
 
 def run_trials(
     study: optuna.Study,
+    storage_url: str,
     spec: StudySpec,
     inputs: WorkerInputs,
     artifacts: Path,
@@ -111,7 +113,10 @@ def run_trials(
 ) -> int:
     """The trial loop that ``search`` and ``worker`` share: Optuna's
     ``study.optimize`` with our objective, the trial errors it catches and the
-    callbacks run after each trial. Returns how many trials this process ran."""
+    callbacks run after each trial. It ends when the study's shared budget is
+    spent (:mod:`autotransfer.budget`), after ``n_trials`` trials of this process
+    or after ``timeout`` seconds, whichever comes first. Returns how many trials
+    this process ran."""
     ran: list[int] = []
 
     def count(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -120,16 +125,22 @@ def run_trials(
     store = artifact_store(artifacts)
     objective = Objective(spec, inputs.splits, inputs.host, store, progress, inputs.source)
     study = writer_study(study, spec.recovery)  # heartbeats on
+    # Last, on the study object that runs the trials: every ask claims a slot of
+    # the study's shared budget first (keep this after any other re-opening).
+    study = BudgetedStudy(study, budget_lock(storage_url, study.study_name))
     with handle_signals():  # SIGTERM / Ctrl-C: mark and re-queue the running trial
         recover_lost_trials(study, store, progress.message)  # retried before new trials
-        study.optimize(
-            objective,
-            n_trials=n_trials,
-            timeout=timeout,
-            catch=(TrialError,),
-            gc_after_trial=True,
-            callbacks=[release_cached_memory, after_trial(store, progress.message), count],
-        )
+        try:
+            study.optimize(
+                objective,
+                n_trials=n_trials,
+                timeout=timeout,
+                catch=(TrialError,),
+                gc_after_trial=True,
+                callbacks=[release_cached_memory, after_trial(store, progress.message), count],
+            )
+        except BudgetSpent as spent:
+            progress.message(f"stopping: {spent}")
     return len(ran)
 
 
@@ -167,7 +178,9 @@ def run_search(
         f"{spec.n_trials or 'unlimited'} more"
         + (f" (timeout {spec.timeout:g}s)" if spec.timeout else "")
     )
-    run_trials(study, spec, inputs, artifacts, progress, spec.n_trials, spec.timeout)
+    # This process has no count of its own: it runs until the study's target
+    # (set above to ``n_trials`` more) is met, by it or by workers.
+    run_trials(study, storage_url, spec, inputs, artifacts, progress, None, spec.timeout)
     best = best_trial(study)
     test = evaluate_best_on_test(
         study, best, inputs.host, artifact_store(artifacts), splits, spec

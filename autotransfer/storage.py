@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, BinaryIO
 import optuna
 from optuna.artifacts import FileSystemArtifactStore
 
+from autotransfer.database import retry_connects, shared_lock
 from autotransfer.exceptions import StorageError
 
 if TYPE_CHECKING:
@@ -83,9 +84,11 @@ def open_storage(url: str, recovery: RecoverySpec | None = None) -> optuna.stora
     try:
         # Optuna logs its own storage set-up at INFO; keep stderr for our progress.
         optuna.logging.set_verbosity(logging.WARNING)
-        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna
+        # One process at a time creates Optuna's tables in a new database.
+        with shared_lock(url, "schema")(), warnings.catch_warnings():
+            # heartbeats are "experimental" in Optuna
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
+            storage = optuna.storages.RDBStorage(
                 url, engine_kwargs=engine_kwargs, **_heartbeat_kwargs(recovery)
             )
     except NoSuchModuleError:
@@ -110,6 +113,10 @@ def open_storage(url: str, recovery: RecoverySpec | None = None) -> optuna.stora
     except (OperationalError, optuna.exceptions.StorageInternalError) as exc:
         reason = str(getattr(exc, "orig", exc)).splitlines()[0]
         raise StorageError(f"cannot open storage '{redact(url)}': {reason}") from None
+    if parsed.get_backend_name() != "sqlite":
+        # Only now: a database that cannot be reached at start fails at once.
+        retry_connects(storage.engine)
+    return storage
 
 
 def _heartbeat_kwargs(recovery: RecoverySpec | None) -> dict[str, object]:

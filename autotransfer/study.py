@@ -11,6 +11,7 @@ import optuna
 from pydantic import ValidationError
 
 from autotransfer import __version__
+from autotransfer.budget import TARGET_ATTR, BudgetedStudy, budget_lock
 from autotransfer.exceptions import SpecError, StorageError
 from autotransfer.spec import StudySpec
 from autotransfer.storage import open_storage, redact
@@ -86,11 +87,15 @@ def _with_defaults(stored: dict[str, Any]) -> dict[str, Any]:
 
 
 def create_or_resume(spec: StudySpec, storage_url: str, artifacts: Path) -> optuna.Study:
-    """Create the study ``spec.name`` or resume it if it exists.
+    """Create the study ``spec.name`` or resume it if it exists, and set its
+    target total (:mod:`autotransfer.budget`): ``spec.n_trials`` more trials
+    than it uses now (none: no target).
 
     Raises:
         SpecError: the study exists with a different spec (lists the fields).
+        StorageError: a database the shared budget cannot lock.
     """
+    lock = budget_lock(storage_url, spec.name)
     storage = open_storage(storage_url, recovery=spec.recovery)  # a writer: heartbeats on
     study = optuna.create_study(
         storage=storage,
@@ -103,6 +108,10 @@ def create_or_resume(spec: StudySpec, storage_url: str, artifacts: Path) -> optu
     new = spec.model_dump(mode="json")
     stored = study.user_attrs.get(SPEC_ATTR)
     if stored is None:
+        # The target and the artifacts directory first: a worker joins only once
+        # the spec is there, and then finds both.
+        artifacts.mkdir(parents=True, exist_ok=True)
+        study.set_user_attr(TARGET_ATTR, spec.n_trials)
         study.set_user_attr(SPEC_ATTR, new)
         study.set_user_attr(ARTIFACTS_ATTR, str(artifacts))
         study.set_user_attr("autotransfer_version", __version__)
@@ -117,6 +126,7 @@ def create_or_resume(spec: StudySpec, storage_url: str, artifacts: Path) -> optu
             "run it with its own spec, or start a new study with --study-name NEW"
         )
     study.sampler = make_sampler(spec, offset=len(study.trials))
+    BudgetedStudy(study, lock).set_target(spec.n_trials)
     return study
 
 

@@ -9,18 +9,19 @@ it elsewhere). It then runs trials with the same loop as ``search``
 
 from __future__ import annotations
 
-import os
-import socket
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
 
+from autotransfer.budget import BudgetedStudy, budget_lock, worker_id
 from autotransfer.exceptions import DataError, StorageError
 from autotransfer.progress import Progress
 from autotransfer.search import load_worker_inputs, run_trials
 from autotransfer.spec import StudySpec, validate_spec
+from autotransfer.storage import open_storage
 from autotransfer.study import (
     ARTIFACTS_ATTR,
     CLASSES_ATTR,
@@ -40,7 +41,7 @@ class WorkerOutcome:
 def worker_salt() -> int:
     """A number that differs between worker processes (host and pid), so that
     workers started together do not draw the same random parameters."""
-    return zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode()) % 1_000_003
+    return zlib.crc32(worker_id().encode()) % 1_000_003
 
 
 def joined_spec(study: optuna.Study, data: str | None) -> StudySpec:
@@ -82,6 +83,27 @@ def joined_artifacts(study: optuna.Study, artifacts: Path | None) -> Path:
     return path
 
 
+def wait_for_study(storage_url: str, study_name: str | None, wait: float) -> optuna.Study:
+    """The study, once it exists and has its saved spec; polls for up to ``wait``
+    seconds (a worker started at the same time as the search that creates it).
+
+    Raises:
+        StorageError: a bad storage URL (at once); no such study, or not made by
+            autotransfer, after ``wait`` seconds.
+    """
+    open_storage(storage_url)  # a bad URL fails at once, not after the wait
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            study = load_study(storage_url, study_name)
+            stored_spec(study)
+            return study
+        except StorageError:
+            if time.monotonic() >= deadline:
+                raise
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+
 def run_worker(
     storage_url: str,
     study_name: str | None,
@@ -90,15 +112,18 @@ def run_worker(
     n_trials: int | None = None,
     timeout: float | None = None,
     progress: Progress | None = None,
+    wait: float = 0.0,
 ) -> WorkerOutcome:
-    """Join the existing study ``study_name`` and run trials until this worker's
-    own limits (``n_trials``, ``timeout``) are reached.
+    """Join the existing study ``study_name`` and run trials until the study's
+    target is met (:mod:`autotransfer.budget`) or this worker's own limits
+    (``n_trials``, ``timeout``) are reached. ``wait``: seconds to wait for the
+    study to be created.
 
     Raises:
         UserInputError: no such study, not an autotransfer study, artifacts
             directory or data not reachable here, bad backbone.
     """
-    study = load_study(storage_url, study_name)
+    study = wait_for_study(storage_url, study_name, wait)
     spec = joined_spec(study, data)
     path = joined_artifacts(study, artifacts)
     progress = progress or Progress(epochs=spec.train.epochs)
@@ -112,10 +137,12 @@ def run_worker(
         )
     study.sampler = make_sampler(spec, offset=len(study.trials) + worker_salt())
     study.pruner = make_pruner(spec)
+    target = BudgetedStudy(study, budget_lock(storage_url, study.study_name)).target()
     progress.message(
         f"worker on study '{study.study_name}': {len(study.trials)} trial(s) stored; "
-        f"running {n_trials or 'unlimited'}"
+        f"running until the study has {target if target is not None else 'unlimited'} "
+        f"trial(s)" + (f" or this worker has run {n_trials}" if n_trials else "")
         + (f" (timeout {timeout:g}s)" if timeout else "")
     )
-    ran = run_trials(study, spec, inputs, path, progress, n_trials, timeout)
+    ran = run_trials(study, storage_url, spec, inputs, path, progress, n_trials, timeout)
     return WorkerOutcome(study, ran)

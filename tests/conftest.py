@@ -164,3 +164,39 @@ def spec_dict() -> Callable[..., dict[str, Any]]:
 def make_images() -> Callable[..., Path]:
     """:func:`make_image_folder`, for fixtures of any scope."""
     return make_image_folder
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Any:
+    """A private PostgreSQL server for the whole session (see ``_postgres.py``).
+    Without the server binaries or the psycopg driver: skipped, but failed when
+    the environment variable ``CI`` is set, so CI cannot skip it silently."""
+    import os
+
+    from _postgres import PostgresServer, find_bin_dir
+
+    missing = None
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        missing = "PostgreSQL server binaries not found; apt-get install postgresql"
+    else:
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            missing = "the psycopg driver is not installed: pip install 'autotransfer[postgres]'"
+    if missing is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the PostgreSQL tests: {missing}")
+        pytest.skip(missing)
+    server = PostgresServer(bin_dir)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: Any) -> str:
+    """A fresh, empty database on the session's PostgreSQL server."""
+    return postgres_server.create_database()

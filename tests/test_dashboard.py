@@ -24,6 +24,7 @@ import optuna
 import pytest
 from _browser import browser_or_skip, page_errors, requests_made
 from _report_helpers import make_study
+from _scale_helpers import assert_exact_study, finish, start_search_and_workers
 from typer.testing import CliRunner
 
 from autotransfer.cli import app
@@ -200,3 +201,41 @@ def test_watching_a_running_study_never_locks_the_search(
     final = optuna.load_study(study_name="live", storage=url)
     assert len(final.trials) == 2 + n_new
     assert all(t.state != optuna.trial.TrialState.RUNNING for t in final.trials)
+
+
+def test_workers_on_sqlite_with_a_live_dashboard_and_report(
+    write_spec, tmp_path: Path, dashboard_for: Any
+) -> None:
+    """A search and 4 worker processes on one SQLite study, watched all along
+    by the dashboard and the report: every process exits 0, none reports a
+    locked database, and the study ends with exactly its 10 trials."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    spec = write_spec(**{"name": "live-workers", "n_trials": 10, "train.epochs": 1,
+                         "train.threads": 1})
+    procs = start_search_and_workers(spec, url, n_workers=4, cwd=tmp_path)
+    reports = polls = 0
+    try:
+        deadline = time.monotonic() + 120
+        while not _has_trials(url, "live-workers"):
+            assert time.monotonic() < deadline and procs[0].poll() is None, "no study made"
+            time.sleep(0.2)
+        port = dashboard_for(url)
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline + 120:
+            page = render_report(load_study(url, "live-workers"))
+            assert page.startswith("<!DOCTYPE html>")
+            reports += 1
+            _get(f"http://127.0.0.1:{port}/api/studies/1?after=0")
+            polls += 1
+            time.sleep(0.3)  # leave the workers the CPU
+    finally:
+        outputs = finish(procs)
+    assert not [err for _, err in outputs if "database is locked" in err]
+    assert reports >= 2 and polls >= 2, (reports, polls)
+    assert_exact_study(url, "live-workers", 10)
+
+
+def _has_trials(url: str, name: str) -> bool:
+    try:
+        return len(optuna.load_study(study_name=name, storage=url).trials) > 0
+    except KeyError:  # not created yet
+        return False

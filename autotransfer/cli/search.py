@@ -45,7 +45,12 @@ def search(
         ),
     ] = None,
     n_trials: Annotated[
-        int | None, typer.Option("--n-trials", min=1, help="Trials to run now (added to the study).")
+        int | None,
+        typer.Option(
+            "--n-trials", min=1,
+            help="Trials to add to the study, run by this search and any `autotransfer "
+            "worker` that joins it (an exact total).",
+        ),
     ] = None,
     timeout: Annotated[
         float | None, typer.Option(min=0.001, help="Stop starting trials after this many seconds.")

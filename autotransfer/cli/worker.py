@@ -35,17 +35,28 @@ def worker(
         float | None,
         typer.Option(min=0.001, help="Stop starting trials after this many seconds."),
     ] = None,
+    wait: Annotated[
+        float,
+        typer.Option(
+            min=0, help="Wait up to this many seconds for the study to be created (workers "
+            "started together with the search that creates it).",
+        ),
+    ] = 0,
 ) -> None:
     """Join a study that `autotransfer search` created and run its trials.
 
     Start any number of workers, on any machines that reach the storage (use
     PostgreSQL for several machines) and the shared artifacts directory. Each
-    worker reads the spec saved with the study, so it needs no spec file. Prints
-    one summary line when it stops. See docs/scale-out.md.
+    worker reads the spec saved with the study, so it needs no spec file, and runs
+    trials until the study has the total that `search --n-trials` set (or its own
+    --n-trials / --timeout). Prints one summary line when it stops. See
+    docs/scale-out.md.
     """
     from autotransfer.worker import run_worker
 
-    outcome = run_worker(storage, study_name, artifacts, data, n_trials, timeout)
+    outcome = run_worker(
+        storage, study_name, artifacts, data, n_trials, timeout, wait=wait
+    )
     states = [t.state.name for t in outcome.study.get_trials(deepcopy=False)]
     counts = ", ".join(
         f"{states.count(s)} {s.lower()}" for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
