@@ -21,12 +21,16 @@ What the budget counts (:func:`used_slots`):
 are always run, even when the budget is met: they were counted when they were
 made. A new trial is created only while the count is under the study's target,
 the study user attribute ``target_trials`` (absent or null: no target).
+
+``search --n-trials N`` creates a study with target N; resuming one sets it to
+N more than the trials *settled* then (every counted chain but those with a
+waiting trial): the waiting retries of a killed or interrupted run are the first
+of the N, as with Optuna's own ``n_trials``, while trials running on live
+workers keep their slots.
 """
 
 from __future__ import annotations
 
-import os
-import socket
 from collections.abc import Sequence
 
 import optuna
@@ -38,7 +42,6 @@ from autotransfer.exceptions import StorageError
 from autotransfer.storage import redact
 
 TARGET_ATTR = "target_trials"
-WORKER_ATTR = "worker"  # trial user attribute: HOST:PID of the process that ran it
 RETRY_OF_ATTR = "failed_trial"  # Optuna's system attribute on a retried trial
 COUNTED_STATES = (
     TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING,
@@ -51,17 +54,15 @@ class BudgetSpent(Exception):
     trial is waiting: this process should stop starting trials."""
 
 
-def worker_id() -> str:
-    """``HOST:PID`` of this process, recorded on each trial it runs."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
 def used_slots(trials: Sequence[FrozenTrial]) -> int:
     """How much of the budget ``trials`` use: one per trial, a retry replacing
     the trial it retries (see the module docstring)."""
-    return len(
-        {t.system_attrs.get(RETRY_OF_ATTR, t.number) for t in trials if t.state in COUNTED_STATES}
-    )
+    return len({_slot(t) for t in trials if t.state in COUNTED_STATES})
+
+
+def _slot(trial: FrozenTrial) -> int:
+    """The number of the first trial of ``trial``'s chain of retries."""
+    return int(trial.system_attrs.get(RETRY_OF_ATTR, trial.number))
 
 
 def budget_lock(storage_url: str, study_name: str) -> Lock:
@@ -101,11 +102,14 @@ class BudgetedStudy(optuna.Study):
         return None if value is None else int(value)
 
     def set_target(self, n_more: int | None) -> int | None:
-        """Set the target to the slots used now plus ``n_more`` (None: no target);
-        returns the new target."""
+        """Set the target to ``n_more`` trials more than the study has settled
+        now (None: no target); returns the new target. Waiting trials (retries,
+        enqueued ones) are not settled: they are the first of the ``n_more``."""
         with self._budget_lock():
-            used = used_slots(self.get_trials(deepcopy=False))
-            target = None if n_more is None else used + n_more
+            trials = self.get_trials(deepcopy=False)
+            owed = {_slot(t) for t in trials if t.state == TrialState.WAITING}
+            settled = {_slot(t) for t in trials if t.state in COUNTED_STATES} - owed
+            target = None if n_more is None else len(settled) + n_more
             self.set_user_attr(TARGET_ATTR, target)
         return target
 
@@ -116,6 +120,4 @@ class BudgetedStudy(optuna.Study):
             target = self.target()
             if not waiting and target is not None and used_slots(trials) >= target:
                 raise BudgetSpent(f"study '{self.study_name}' has its {target} trials")
-            trial = super().ask(fixed_distributions)
-        trial.set_user_attr(WORKER_ATTR, worker_id())
-        return trial
+            return super().ask(fixed_distributions)

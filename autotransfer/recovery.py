@@ -118,6 +118,8 @@ def requeue_interrupted(trial: optuna.Trial, signame: str) -> None:
     trial.set_user_attr(INTERRUPTED_ATTR, signame)
     frozen = trial.study._storage.get_trial(trial._trial_id)
     keep = {k: v for k, v in frozen.system_attrs.items() if k in ("failed_trial", "retry_history")}
+    # The copy stands in for the trial in the study's budget (autotransfer.budget).
+    keep.setdefault("failed_trial", frozen.number)
     _queue_copy(trial.study, frozen, copy.deepcopy(keep))
     trial.set_user_attr(REQUEUED_ATTR, True)
 

@@ -110,13 +110,16 @@ def run_trials(
     progress: Progress,
     n_trials: int | None,
     timeout: float | None,
+    add_to_target: int | None | bool = False,
 ) -> int:
     """The trial loop that ``search`` and ``worker`` share: Optuna's
     ``study.optimize`` with our objective, the trial errors it catches and the
     callbacks run after each trial. It ends when the study's shared budget is
     spent (:mod:`autotransfer.budget`), after ``n_trials`` trials of this process
-    or after ``timeout`` seconds, whichever comes first. Returns how many trials
-    this process ran."""
+    or after ``timeout`` seconds, whichever comes first. ``add_to_target`` (a
+    resumed search): once lost trials are queued again, set the study's target
+    to this many more than it has settled (None: no target; False: leave it).
+    Returns how many trials this process ran."""
     ran: list[int] = []
 
     def count(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -130,6 +133,8 @@ def run_trials(
     study = BudgetedStudy(study, budget_lock(storage_url, study.study_name))
     with handle_signals():  # SIGTERM / Ctrl-C: mark and re-queue the running trial
         recover_lost_trials(study, store, progress.message)  # retried before new trials
+        if add_to_target is not False:
+            study.set_target(add_to_target)
         try:
             study.optimize(
                 objective,
@@ -157,7 +162,8 @@ def run_search(
         NoSuccessfulTrialsError: the study has no completed trial at the end.
     """
     progress = progress or Progress(epochs=spec.train.epochs)
-    open_storage(storage_url)  # fail on a bad URL before loading anything heavy
+    storage = open_storage(storage_url)  # fail on a bad URL before loading anything heavy
+    resumed = spec.name in {s.study_name for s in storage.get_all_studies()}
     artifacts = artifacts or default_artifacts_dir(storage_url)
     inputs = load_worker_inputs(spec)
     splits = inputs.splits
@@ -179,8 +185,11 @@ def run_search(
         + (f" (timeout {spec.timeout:g}s)" if spec.timeout else "")
     )
     # This process has no count of its own: it runs until the study's target
-    # (set above to ``n_trials`` more) is met, by it or by workers.
-    run_trials(study, storage_url, spec, inputs, artifacts, progress, None, spec.timeout)
+    # (``n_trials`` more than it had settled) is met, by it or by workers.
+    run_trials(
+        study, storage_url, spec, inputs, artifacts, progress, None, spec.timeout,
+        add_to_target=spec.n_trials if resumed else False,
+    )
     best = best_trial(study)
     test = evaluate_best_on_test(
         study, best, inputs.host, artifact_store(artifacts), splits, spec

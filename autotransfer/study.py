@@ -11,7 +11,7 @@ import optuna
 from pydantic import ValidationError
 
 from autotransfer import __version__
-from autotransfer.budget import TARGET_ATTR, BudgetedStudy, budget_lock
+from autotransfer.budget import TARGET_ATTR, budget_lock
 from autotransfer.exceptions import SpecError, StorageError
 from autotransfer.spec import StudySpec
 from autotransfer.storage import open_storage, redact
@@ -87,15 +87,15 @@ def _with_defaults(stored: dict[str, Any]) -> dict[str, Any]:
 
 
 def create_or_resume(spec: StudySpec, storage_url: str, artifacts: Path) -> optuna.Study:
-    """Create the study ``spec.name`` or resume it if it exists, and set its
-    target total (:mod:`autotransfer.budget`): ``spec.n_trials`` more trials
-    than it uses now (none: no target).
+    """Create the study ``spec.name`` (its target total, :mod:`autotransfer.budget`:
+    ``spec.n_trials``) or resume it if it exists (the search sets the target once
+    it has recovered lost trials: :func:`autotransfer.search.run_trials`).
 
     Raises:
         SpecError: the study exists with a different spec (lists the fields).
         StorageError: a database the shared budget cannot lock.
     """
-    lock = budget_lock(storage_url, spec.name)
+    budget_lock(storage_url, spec.name)  # refuse such a database before anything is made
     storage = open_storage(storage_url, recovery=spec.recovery)  # a writer: heartbeats on
     study = optuna.create_study(
         storage=storage,
@@ -126,7 +126,6 @@ def create_or_resume(spec: StudySpec, storage_url: str, artifacts: Path) -> optu
             "run it with its own spec, or start a new study with --study-name NEW"
         )
     study.sampler = make_sampler(spec, offset=len(study.trials))
-    BudgetedStudy(study, lock).set_target(spec.n_trials)
     return study
 
 

@@ -9,6 +9,8 @@ it elsewhere). It then runs trials with the same loop as ``search``
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 import zlib
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import optuna
 
-from autotransfer.budget import BudgetedStudy, budget_lock, worker_id
+from autotransfer.budget import BudgetedStudy, budget_lock
 from autotransfer.exceptions import DataError, StorageError
 from autotransfer.progress import Progress
 from autotransfer.search import load_worker_inputs, run_trials
@@ -41,7 +43,7 @@ class WorkerOutcome:
 def worker_salt() -> int:
     """A number that differs between worker processes (host and pid), so that
     workers started together do not draw the same random parameters."""
-    return zlib.crc32(worker_id().encode()) % 1_000_003
+    return zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode()) % 1_000_003
 
 
 def joined_spec(study: optuna.Study, data: str | None) -> StudySpec:

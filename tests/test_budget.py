@@ -43,8 +43,9 @@ def test_a_retry_replaces_the_trial_it_retries(storage_url: str) -> None:
     study.add_trial(_trial(TrialState.PRUNED, 0.3))  # 3
     study.add_trial(_trial(TrialState.WAITING, 0.2, failed_trial=1, retry_history=[1, 2]))  # 4
     assert used_slots(study.get_trials()) == 3  # 0, the chain 1 -> 2 -> 4, 3
-    study.set_user_attr(TARGET_ATTR, 3)
     budgeted = BudgetedStudy(study, budget_lock(storage_url, "b"))
+    # A resumed search: the waiting retry is the first of its trials.
+    assert budgeted.set_target(1) == 3 == budgeted.target()
     # The budget is met, but the waiting retry is taken (it was counted) ...
     retry = budgeted.ask()
     assert retry.number == 4 and retry.params == {"x": 0.2}
@@ -53,7 +54,7 @@ def test_a_retry_replaces_the_trial_it_retries(storage_url: str) -> None:
     with pytest.raises(BudgetSpent, match="'b' has its 3 trials"):
         budgeted.ask()
     assert len(study.trials) == 5
-    # Resuming with 2 more: the target counts from what is used now.
+    # Resuming with 2 more: the target counts from what is settled now.
     assert budgeted.set_target(2) == 5
     assert budgeted.ask().number == 5
 
