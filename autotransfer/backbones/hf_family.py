@@ -132,6 +132,33 @@ def _classify(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
     return model.classifier(features)
 
 
+def _backbone(
+    ref: str,
+    weights: str,
+    net: nn.Module,
+    preprocessing: Preprocessing | TextPreprocessing,
+    extra: dict[str, object],
+    modality: str = "image",
+) -> Backbone:
+    """The :class:`Backbone` around ``net`` (an image or text classifier with a
+    fresh ``classifier`` head), the same for both modalities."""
+    head = param_names(net, "classifier")
+    return Backbone(
+        name=ref,
+        weights=weights,
+        model=net,
+        blocks=_blocks(net, set(head)),
+        head=head,
+        features=_features,
+        classify=_classify,
+        num_features=net.classifier.in_features,
+        preprocessing=preprocessing,
+        plugin=__name__,
+        extra={"original_head": None, **extra},
+        modality=modality,
+    )
+
+
 def _require_transformers() -> None:
     if importlib.util.find_spec("transformers") is None:
         raise BackboneError(
@@ -367,20 +394,8 @@ class HFFamily(BackboneFamily):
         if weights_path is not None and weights_path.is_file():
             self._load_file(base, weights_path, ref)
         net = HFImageClassifier(base, _num_features(base.config), num_classes, cls_token)
-        head = param_names(net, "classifier")
-        return Backbone(
-            name=ref,
-            weights=weights,
-            model=net,
-            blocks=_blocks(net, set(head)),
-            head=head,
-            features=_features,
-            classify=_classify,
-            num_features=net.classifier.in_features,
-            preprocessing=_preprocessing(source, local),
-            plugin=__name__,
-            extra={"original_head": None, "model_type": config.model_type},
-        )
+        return _backbone(ref, weights, net, _preprocessing(source, local),
+                         {"model_type": config.model_type})
 
     def _build_text(
         self,
@@ -423,22 +438,9 @@ class HFFamily(BackboneFamily):
             self._load_file(base, weights_path, ref)
         net = HFTextClassifier(base, _num_features(base.config), num_classes,
                                _text_pooling(source, local))
-        head = param_names(net, "classifier")
-        return Backbone(
-            name=ref,
-            weights=weights,
-            model=net,
-            blocks=_blocks(net, set(head)),
-            head=head,
-            features=_features,
-            classify=_classify,
-            num_features=net.classifier.in_features,
-            preprocessing=pre,
-            plugin=__name__,
-            extra={"original_head": None, "model_type": config.model_type,  # type: ignore[attr-defined]
-                   "pooling": net.pooling},
-            modality="text",
-        )
+        return _backbone(ref, weights, net, pre,
+                         {"model_type": config.model_type,  # type: ignore[attr-defined]
+                          "pooling": net.pooling}, modality="text")
 
     @staticmethod
     def _unreachable(ref: str, source: str, local: bool, exc: Exception) -> str:
