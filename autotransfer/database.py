@@ -41,8 +41,11 @@ def lockable(storage_url: str) -> bool:
     return make_url(storage_url).get_backend_name() in ("sqlite", "postgresql")
 
 
-def shared_lock(storage_url: str, key: str) -> Lock:
+def shared_lock(storage_url: str, key: str, patience: float = RECONNECT_PATIENCE_S) -> Lock:
     """A lock named ``key`` that every process using ``storage_url`` shares.
+
+    ``patience``: seconds a refused PostgreSQL connection is retried (0 when the
+    database must answer at once, e.g. while the storage is first opened).
 
     PostgreSQL: a session advisory lock on its own short-lived connection (the
     server drops it if the process dies). SQLite: a file lock beside the database
@@ -64,7 +67,7 @@ def shared_lock(storage_url: str, key: str) -> Lock:
         path = Path(url.database).expanduser().resolve()
         return _held_if_writable(FileLock(str(path) + ".lock"))
     if backend == "postgresql":
-        return _postgres_lock(storage_url, key)
+        return _postgres_lock(storage_url, key, patience)
     return lambda: nullcontext()
 
 
@@ -96,12 +99,12 @@ def _held_if_writable(lock: AbstractContextManager[object]) -> Lock:
     return held
 
 
-def _postgres_lock(storage_url: str, key: str) -> Lock:
+def _postgres_lock(storage_url: str, key: str, patience: float) -> Lock:
     import sqlalchemy
     from sqlalchemy.pool import NullPool
 
     # A new connection per hold: nothing idle for a server timeout or restart to break.
-    engine = retry_connects(sqlalchemy.create_engine(storage_url, poolclass=NullPool))
+    engine = retry_connects(sqlalchemy.create_engine(storage_url, poolclass=NullPool), patience)
     params = {"space": _PG_LOCK_SPACE, "key": zlib.crc32(key.encode()) - 2**31}
 
     @contextmanager

@@ -84,8 +84,9 @@ def open_storage(url: str, recovery: RecoverySpec | None = None) -> optuna.stora
     try:
         # Optuna logs its own storage set-up at INFO; keep stderr for our progress.
         optuna.logging.set_verbosity(logging.WARNING)
-        # One process at a time creates Optuna's tables in a new database.
-        with shared_lock(url, "schema")(), warnings.catch_warnings():
+        # One process at a time creates Optuna's tables in a new database. A server
+        # that refuses the connection now is a bad URL or a server down: fail at once.
+        with shared_lock(url, "schema", patience=0)(), warnings.catch_warnings():
             # heartbeats are "experimental" in Optuna
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             storage = optuna.storages.RDBStorage(
