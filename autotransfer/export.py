@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
+import logging
 import shutil
 import sys
 import tempfile
@@ -276,7 +277,12 @@ def _write_weights(model: Any, path: Path, backbone: str) -> None:
 
 @contextlib.contextmanager
 def quiet_torch() -> Iterator[None]:
-    """Hide torch's deprecation notices for the TorchScript and legacy ONNX paths."""
+    """Hide torch's deprecation notices for the TorchScript and legacy ONNX paths,
+    and transformers' notices about attributes tracing touches (e.g. "loss_type=None
+    ... unrecognized", which says nothing about an exported classifier)."""
+    hf_logger = logging.getLogger("transformers")
+    hf_level = hf_logger.level
+    hf_logger.setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.")
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.")
@@ -285,7 +291,10 @@ def quiet_torch() -> Iterator[None]:
         # export is traced on a padded batch and verified on other shapes.
         warnings.filterwarnings("ignore", message=r".*Converting a tensor to a Python boolean.*")
         warnings.filterwarnings("ignore", message=r".*advanced indexing in opset.*")
-        yield
+        try:
+            yield
+        finally:
+            hf_logger.setLevel(hf_level)
 
 
 def text_inputs(pre: Any, texts: Any) -> tuple[Any, Any]:

@@ -120,6 +120,32 @@ def open_storage(url: str, recovery: RecoverySpec | None = None) -> optuna.stora
     return storage
 
 
+def require_existing(url: str) -> None:
+    """Readers call this first: opening a SQLite file that does not exist would
+    create an empty database there (a stray file for a typo). Other URLs and
+    malformed ones pass; :func:`open_storage` explains those.
+
+    Raises:
+        StorageError: ``url`` names a SQLite file that does not exist.
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return
+    if parsed.username or parsed.password or parsed.host:
+        return  # not a usable SQLite URL
+    if not Path(parsed.database).expanduser().is_file():
+        raise StorageError(
+            f"no study storage at '{parsed.database}': the file does not exist; run "
+            "`autotransfer search` first, or give the --storage of an existing one"
+        )
+
+
 def _heartbeat_kwargs(recovery: RecoverySpec | None) -> dict[str, object]:
     if recovery is None:
         return {}

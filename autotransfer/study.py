@@ -14,7 +14,7 @@ from autotransfer import __version__
 from autotransfer.budget import TARGET_ATTR, budget_lock
 from autotransfer.exceptions import SpecError, StorageError
 from autotransfer.spec import StudySpec
-from autotransfer.storage import open_storage, redact
+from autotransfer.storage import open_storage, redact, require_existing
 
 SPEC_ATTR = "spec"
 ARTIFACTS_ATTR = "artifacts"
@@ -133,8 +133,10 @@ def load_study(storage_url: str, study_name: str | None) -> optuna.Study:
     """Open an existing study; without a name, the only study in the storage.
 
     Raises:
-        StorageError: no such study, or several and no name given.
+        StorageError: no such storage file, no such study, or several and no
+            name given.
     """
+    require_existing(storage_url)
     storage = open_storage(storage_url)
     names = [s.study_name for s in storage.get_all_studies()]
     if study_name is None and not names:

@@ -23,7 +23,7 @@ from autotransfer.exceptions import DataError, StorageError
 from autotransfer.progress import Progress
 from autotransfer.search import load_worker_inputs, run_trials
 from autotransfer.spec import StudySpec, validate_spec
-from autotransfer.storage import open_storage
+from autotransfer.storage import open_storage, require_existing
 from autotransfer.study import (
     ARTIFACTS_ATTR,
     CLASSES_ATTR,
@@ -93,7 +93,12 @@ def wait_for_study(storage_url: str, study_name: str | None, wait: float) -> opt
         StorageError: a bad storage URL (at once); no such study, or not made by
             autotransfer, after ``wait`` seconds.
     """
-    open_storage(storage_url)  # a bad URL fails at once, not after the wait
+    try:
+        require_existing(storage_url)
+    except StorageError:
+        pass  # a SQLite file the search has not created yet: poll for it
+    else:
+        open_storage(storage_url)  # a bad URL fails at once, not after the wait
     deadline = time.monotonic() + wait
     while True:
         try:

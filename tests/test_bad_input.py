@@ -194,8 +194,11 @@ def test_storage_driver_not_installed(write_spec, url: str, driver: str, shown: 
 
 
 def test_trials_of_a_missing_study(storage_url: str) -> None:
+    import optuna
+
+    optuna.create_study(study_name="real", storage=storage_url)
     assert_bad_input(invoke("trials", "--storage", storage_url, "--study-name", "ghost"),
-                     "no study 'ghost'")
+                     "no study 'ghost'", "studies: real")
 
 
 # ------------------------------------------------- a failing run keeps trials
@@ -407,9 +410,25 @@ def test_a_text_file_given_as_data(name: str, write_spec, tmp_path: Path, storag
     assert stored() == before
 
 
-@pytest.mark.parametrize("command", [["trials"], ["export", "out"]])
+READERS = [["trials"], ["export", "out"], ["report", "out.html"]]
+
+
+@pytest.mark.parametrize("command", READERS)
 def test_empty_storage(command: list, storage_url: str, tmp_path: Path) -> None:
-    args = [tmp_path / a if a == "out" else a for a in command]
+    from autotransfer.storage import open_storage
+
+    open_storage(storage_url)  # a database with Optuna's tables and no study
+    args = [tmp_path / a if a.startswith("out") else a for a in command]
     assert_bad_input(invoke(*args, "--storage", storage_url), "holds no study",
                      "autotransfer search")
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.html").exists()
+
+
+@pytest.mark.parametrize("command", [*READERS, ["worker"], ["dashboard"]])
+def test_missing_sqlite_file_is_not_created(command: list, tmp_path: Path) -> None:
+    """A typo in --storage must not leave an empty database behind."""
+    db = tmp_path / "typo.db"
+    args = [tmp_path / a if a.startswith("out") else a for a in command]
+    assert_bad_input(invoke(*args, "--storage", f"sqlite:///{db}"),
+                     f"no study storage at '{db}'", "autotransfer search")
+    assert not db.exists()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -65,9 +64,9 @@ def dashboard(
             "the dashboard needs optuna-dashboard, which is not installed; "
             "pip install optuna-dashboard"
         ) from None
-    from autotransfer.storage import open_storage, redact
+    from autotransfer.storage import open_storage, redact, require_existing
 
-    _require_existing_sqlite(storage)
+    require_existing(storage)
     rdb = open_storage(storage)  # SQLite with a long busy timeout: never trips a running search
     if not local:
         typer.echo(REMOTE_WARNING.format(host=host, port=port or "PORT"), err=True)
@@ -86,24 +85,6 @@ def dashboard(
         typer.echo("dashboard stopped", err=True)
     finally:
         server.server_close()
-
-
-def _require_existing_sqlite(url: str) -> None:
-    """Opening a missing SQLite file would create an empty study storage: say so instead."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        return  # open_storage explains
-    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
-        return
-    if not Path(parsed.database).expanduser().is_file():
-        raise UserInputError(
-            f"no study storage at '{parsed.database}'; run `autotransfer search` first "
-            "or give --storage"
-        )
 
 
 def _make_server(host: str, port: int, app: Any) -> Any:
