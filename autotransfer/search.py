@@ -13,6 +13,7 @@ from pathlib import Path
 
 import optuna
 import torch
+from optuna.trial import TrialState
 
 from autotransfer.budget import BudgetedStudy, BudgetSpent, budget_lock
 from autotransfer.checkpoints import load_trial_backbone
@@ -178,10 +179,12 @@ def run_search(
         f"{len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test {shape}"
     )
     study.set_user_attr(CLASSES_ATTR, list(splits.classes))  # for export: label names
-    before = len(study.trials)
+    before = _started(study)
+    queued = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
     progress.message(
         f"study '{spec.name}': {before} trial(s) stored; running "
         f"{spec.n_trials or 'unlimited'} more"
+        + (f", {queued} of them queued first" if queued else "")
         + (f" (timeout {spec.timeout:g}s)" if spec.timeout else "")
     )
     # This process has no count of its own: it runs until the study's target
@@ -194,7 +197,12 @@ def run_search(
     test = evaluate_best_on_test(
         study, best, inputs.host, artifact_store(artifacts), splits, spec
     )
-    return SearchOutcome(study, best, test, len(study.trials) - before)
+    return SearchOutcome(study, best, test, _started(study) - before)
+
+
+def _started(study: optuna.Study) -> int:
+    """Trials that ran or run now; queued ones (``WAITING``) are still to come."""
+    return sum(t.state != TrialState.WAITING for t in study.get_trials(deepcopy=False))
 
 
 def release_cached_memory(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -206,7 +214,7 @@ def release_cached_memory(study: optuna.Study, trial: optuna.trial.FrozenTrial) 
 
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
-    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         reasons = sorted(
             {t.user_attrs.get("fail_reason", t.state.name.lower()) for t in study.trials}

@@ -307,6 +307,9 @@ class PrunerSpec(_Model):
 class SamplerSpec(_Model):
     type: Literal["tpe", "random"] = "tpe"
     n_startup_trials: int = Field(4, ge=0)
+    # A new study's first trials take each listed backbone once, in order (the
+    # other parameters sampled), so none goes untried in a short search.
+    try_each_backbone: bool = True
 
 
 class StudySpec(_Model):

@@ -24,6 +24,7 @@ CLASSES_ATTR = "classes"  # class names in label order, stored at search time
 RESUMABLE_FIELDS = {
     "n_trials", "timeout", "train.threads", "train.eval_batch_size", "train.stall_timeout",
     "recovery.heartbeat_interval", "recovery.grace_period", "recovery.max_retry",
+    "sampler.try_each_backbone",  # read only when the study is created
 }
 
 
@@ -112,6 +113,7 @@ def create_or_resume(spec: StudySpec, storage_url: str, artifacts: Path) -> optu
         # the spec is there, and then finds both.
         artifacts.mkdir(parents=True, exist_ok=True)
         study.set_user_attr(TARGET_ATTR, spec.n_trials)
+        enqueue_each_backbone(study, spec)
         study.set_user_attr(SPEC_ATTR, new)
         study.set_user_attr(ARTIFACTS_ATTR, str(artifacts))
         study.set_user_attr("autotransfer_version", __version__)
@@ -127,6 +129,22 @@ def create_or_resume(spec: StudySpec, storage_url: str, artifacts: Path) -> optu
         )
     study.sampler = make_sampler(spec, offset=len(study.trials))
     return study
+
+
+def enqueue_each_backbone(study: optuna.Study, spec: StudySpec) -> int:
+    """Queue one trial per listed backbone, in the listed order, with the other
+    parameters left to the sampler (``sampler.try_each_backbone``; at most
+    ``n_trials``). Without this, a short search over several backbones may never
+    try some of them: TPE's random start-up draws the backbone like any other
+    parameter. Queued trials count toward the budget and run first, whichever
+    worker takes them. Returns how many were queued."""
+    keys = [b.key for b in spec.search.backbones]
+    if not spec.sampler.try_each_backbone or len(keys) < 2:
+        return 0
+    keys = keys[: spec.n_trials] if spec.n_trials is not None else keys
+    for key in keys:
+        study.enqueue_trial({"backbone": key})
+    return len(keys)
 
 
 def load_study(storage_url: str, study_name: str | None) -> optuna.Study:

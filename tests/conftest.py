@@ -160,6 +160,31 @@ def spec_dict() -> Callable[..., dict[str, Any]]:
     return tiny_spec_dict
 
 
+def save_tiny_hf_models(root: Path) -> dict[str, Path]:
+    """Tiny random-init ViT and ConvNeXt saved with save_pretrained, plus a
+    preprocessor config (mean/std 0.5): model directories that load offline."""
+    from transformers import AutoModel, ConvNextConfig, ViTConfig, ViTImageProcessor
+
+    configs = {
+        "vit": ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, image_size=32, patch_size=8),
+        "convnext": ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2),
+    }
+    dirs = {}
+    for name, config in configs.items():
+        path = root / name
+        AutoModel.from_config(config).save_pretrained(path)
+        ViTImageProcessor(image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(path)
+        dirs[name] = path
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def hf_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    pytest.importorskip("transformers")
+    return save_tiny_hf_models(tmp_path_factory.mktemp("hf-models"))
+
+
 @pytest.fixture(scope="session")
 def make_images() -> Callable[..., Path]:
     """:func:`make_image_folder`, for fixtures of any scope."""

@@ -7,7 +7,6 @@ suite in test_plugins.py."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
@@ -28,31 +27,6 @@ CASES = [
     ("hf", "distilbert"),  # layers under `transformer`, no pooler
     ("hf", "roberta"),  # position ids offset by the padding index
 ]
-
-
-def save_tiny_hf_models(root: Path) -> dict[str, Path]:
-    """Tiny random-init ViT and ConvNeXt saved with save_pretrained, plus a
-    preprocessor config (mean/std 0.5): model directories that load offline."""
-    from transformers import AutoModel, ConvNextConfig, ViTConfig, ViTImageProcessor
-
-    configs = {
-        "vit": ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, image_size=32, patch_size=8),
-        "convnext": ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2),
-    }
-    dirs = {}
-    for name, config in configs.items():
-        path = root / name
-        AutoModel.from_config(config).save_pretrained(path)
-        ViTImageProcessor(image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(path)
-        dirs[name] = path
-    return dirs
-
-
-@pytest.fixture(scope="session")
-def hf_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    pytest.importorskip("transformers")
-    return save_tiny_hf_models(tmp_path_factory.mktemp("hf-models"))
 
 
 @pytest.fixture(params=CASES, ids=[f"{f}:{m}" for f, m in CASES], scope="module")

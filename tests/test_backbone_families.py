@@ -70,14 +70,12 @@ def test_torchvision_vit_blocks_and_features() -> None:
     check_features_classify_match_model(case)
 
 
-def test_hf_weights_sources(tmp_path: Path) -> None:
-    pytest.importorskip("transformers")
+def test_hf_weights_sources(tmp_path: Path, hf_model_dirs: dict[str, Path]) -> None:
     from safetensors.torch import save_file
-    from test_backbone_conformance import save_tiny_hf_models
 
     from autotransfer.backbones.hf_family import HFFamily
 
-    vit = save_tiny_hf_models(tmp_path)["vit"]
+    vit = hf_model_dirs["vit"]
     family = HFFamily()
     local = family.build(str(vit), weights="pretrained", num_classes=3, image_size=32)
     again = family.build("someone/vit-tiny", weights=str(vit), num_classes=3, image_size=32)
