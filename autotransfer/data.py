@@ -143,7 +143,9 @@ def _digits(size: int) -> ImageSet:
 
 def _image_folder(root: Path, size: int) -> ImageSet:
     if not root.exists():
-        raise DataError(f"data folder '{root}' does not exist; give an image folder (one sub-folder per class)")
+        raise DataError(
+            f"data folder '{root}' does not exist; give an image folder (one sub-folder per class)"
+        )
     if not root.is_dir():
         raise DataError(
             f"data path '{root}' is a file; give an image folder (one sub-folder per class) "
@@ -151,10 +153,14 @@ def _image_folder(root: Path, size: int) -> ImageSet:
         )
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
-        raise DataError(f"data folder '{root}' has no class sub-folders; put each class's images in its own sub-folder")
+        raise DataError(
+            f"data folder '{root}' has no class sub-folders; put each class's images in its "
+            "own sub-folder"
+        )
     if len(class_dirs) < 2:
         raise DataError(
-            f"data folder '{root}' has one class ('{class_dirs[0].name}'); a classifier needs at least 2 class sub-folders"
+            f"data folder '{root}' has one class ('{class_dirs[0].name}'); a classifier needs "
+            "at least 2 class sub-folders"
         )
     files: list[tuple[Path, int]] = []
     unsupported: list[Path] = []

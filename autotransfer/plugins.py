@@ -80,7 +80,9 @@ class PluginHost:
                 pm.register(module, name=ep.name)
             except Exception as exc:  # a broken plugin must not break the others
                 host.plugins.append(
-                    PluginInfo(ep.name, dist, version, builtin, error=f"{type(exc).__name__}: {exc}")
+                    PluginInfo(
+                        ep.name, dist, version, builtin, error=f"{type(exc).__name__}: {exc}"
+                    )
                 )
                 continue
             hooks = tuple(sorted(h.name for h in pm.get_hookcallers(module) or ()))

@@ -237,7 +237,9 @@ class SearchSpec(_Model):
     def _alpha(cls, v: FloatParam) -> FloatParam:
         lo, hi = (v, v) if isinstance(v, float) else (v.low, v.high)
         if not 0 <= lo <= hi < 1:
-            raise ValueError(f"alpha must lie in [0, 1), got {lo}..{hi}; alpha=0 is plain fine-tuning")
+            raise ValueError(
+                f"alpha must lie in [0, 1), got {lo}..{hi}; alpha=0 is plain fine-tuning"
+            )
         return v
 
     @field_validator("batch_size")
@@ -331,7 +333,9 @@ class StudySpec(_Model):
     @model_validator(mode="after")
     def _source(self) -> StudySpec:
         if self.retention == "source" and self.source is None:
-            raise ValueError("retention 'source' needs a 'source:' data set; add one or use l2sp/distill")
+            raise ValueError(
+                "retention 'source' needs a 'source:' data set; add one or use l2sp/distill"
+            )
         if self.retention == "source" and "text" in (self.data.modality, self.source.modality):
             raise ValueError(
                 "retention 'source' is not supported for text data; use l2sp or distill"
@@ -511,7 +515,9 @@ def load_spec(
     try:
         text = spec_path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise SpecError(f"spec file '{spec_path}' not found; give the path of a YAML spec") from None
+        raise SpecError(
+            f"spec file '{spec_path}' not found; give the path of a YAML spec"
+        ) from None
     except (IsADirectoryError, UnicodeDecodeError) as exc:
         raise SpecError(f"spec file '{spec_path}' is not a YAML text file ({exc})") from None
     try:

@@ -77,7 +77,8 @@ def open_storage(url: str, recovery: RecoverySpec | None = None) -> optuna.stora
             folder = Path(parsed.database).expanduser().resolve().parent
             if not folder.is_dir():
                 raise StorageError(
-                    f"storage URL '{redact(url)}': folder '{folder}' does not exist; create it first"
+                    f"storage URL '{redact(url)}': folder '{folder}' does not exist; "
+                    "create it first"
                 )
     else:
         engine_kwargs["pool_pre_ping"] = True

@@ -77,7 +77,9 @@ def spec_changes(stored: dict[str, Any], new: dict[str, Any]) -> list[str]:
     what that study ran with.
     """
     a, b = _flatten(_with_defaults(stored)), _flatten(new)
-    return sorted(k for k in a.keys() | b.keys() if k not in RESUMABLE_FIELDS and a.get(k) != b.get(k))
+    return sorted(
+        k for k in a.keys() | b.keys() if k not in RESUMABLE_FIELDS and a.get(k) != b.get(k)
+    )
 
 
 def _with_defaults(stored: dict[str, Any]) -> dict[str, Any]:

@@ -350,7 +350,9 @@ class Trainer:
             train_loss = self._train_epoch()
             val = self._evaluate()
             if not math.isfinite(val.loss):
-                raise TrialError("non_finite", f"validation loss became {val.loss} at epoch {epoch}")
+                raise TrialError(
+                    "non_finite", f"validation loss became {val.loss} at epoch {epoch}"
+                )
             is_best = self.best is None or val.accuracy > self.best.val.accuracy
             result = EpochResult(epoch, train_loss, val, time.perf_counter() - start, is_best)
             if is_best:

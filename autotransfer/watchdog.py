@@ -9,9 +9,10 @@ watchdog thread sends a signal to the main thread, whose handler raises
 study goes on with the next trial.
 
 If the main thread does not respond within ``stall_timeout`` seconds (at least
-5, at most 30: :data:`RESPOND_S`; it is stuck in C code, where Python cannot raise), the watchdog marks the trial FAIL
-(``timeout``) in the storage itself, says so on stderr, and ends the process
-with exit code 1 rather than hang forever.
+5, at most 30: :data:`RESPOND_S`; it is stuck in C code, where Python cannot
+raise), the watchdog marks the trial FAIL (``timeout``) in the storage itself,
+says so on stderr, and ends the process with exit code 1 rather than hang
+forever.
 """
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ suite in test_plugins.py."""
 
 from __future__ import annotations
 
-
 import pytest
 
 from autotransfer.backbones.timm_family import TimmFamily

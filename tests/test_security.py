@@ -177,8 +177,10 @@ _SHA = "0123456789abcdef0123456789abcdef01234567"
     ("backbone", "needle"),
     [
         ({"name": "hf:org/model", "trust_remote_code": True}, "needs a pinned commit"),
-        ({"name": "hf:org/model", "trust_remote_code": True, "revision": "main"}, "not a commit hash"),
-        ({"name": "timm:resnet18", "trust_remote_code": True, "revision": _SHA}, "hf backbones only"),
+        ({"name": "hf:org/model", "trust_remote_code": True, "revision": "main"},
+         "not a commit hash"),
+        ({"name": "timm:resnet18", "trust_remote_code": True, "revision": _SHA},
+         "hf backbones only"),
     ],
 )
 def test_remote_code_needs_hf_and_a_pinned_commit(backbone: dict, needle: str) -> None:
@@ -194,6 +196,7 @@ def test_remote_code_is_off_by_default_and_passed_only_when_pinned(monkeypatch) 
     pytest.importorskip("transformers")
     import transformers
 
+    from autotransfer.exceptions import BackboneError
     from autotransfer.plugins import PluginHost
     from autotransfer.spec import BackboneRef
 
@@ -209,7 +212,7 @@ def test_remote_code_is_off_by_default_and_passed_only_when_pinned(monkeypatch) 
         BackboneRef(name="hf:org/model"),
         BackboneRef(name="hf:org/model", trust_remote_code=True, revision=_SHA),
     ):
-        with pytest.raises(Exception):
+        with pytest.raises(BackboneError, match="could not load hf:org/model"):
             host.build(ref, num_classes=2, image_size=32)
     assert seen[0].get("trust_remote_code") is False and "revision" not in seen[0]
     assert seen[1]["trust_remote_code"] is True and seen[1]["revision"] == _SHA

@@ -58,7 +58,9 @@ def search(
     epochs: Annotated[int | None, typer.Option(min=1, help="Epochs per trial.")] = None,
     storage: Storage = DEFAULT,
     study_name: StudyName = None,
-    seed: Annotated[int | None, typer.Option(help="Seed for sampling, splits and training.")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed for sampling, splits and training.")
+    ] = None,
     artifacts: Annotated[
         Path | None,
         typer.Option(
