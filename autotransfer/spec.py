@@ -311,7 +311,7 @@ class SamplerSpec(_Model):
     n_startup_trials: int = Field(4, ge=0)
     # A new study's first trials take each listed backbone once, in order (the
     # other parameters sampled), so none goes untried in a short search.
-    try_each_backbone: bool = True
+    try_each_backbone: bool = False
 
 
 class StudySpec(_Model):
