@@ -12,6 +12,7 @@ import dataclasses
 import json
 import re
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import optuna
@@ -63,8 +64,14 @@ def load_trial_backbone(
     *,
     num_classes: int,
     image_size: int,
+    listed: Sequence[BackboneRef] = (),
 ) -> Backbone:
     """Rebuild a finished trial's model and load its best checkpoint.
+
+    ``listed``: the study spec's backbones (``spec.search.backbones``). The
+    trial's entry there carries what its key does not: an hf backbone's pinned
+    ``revision`` and ``trust_remote_code``, so the rebuild uses the code and
+    configuration the trial trained with.
 
     The architecture is built by the same family as in the trial, without its
     pretrained weights (they are all in the checkpoint), except that ``packaged``
@@ -84,14 +91,15 @@ def load_trial_backbone(
             "choose a COMPLETE trial (see `autotransfer trials`)"
         )
     check_artifact_id(trial.number, artifact_id)
-    ref = BackboneRef.parse(trial.params["backbone"])
+    key = trial.params["backbone"]
+    ref = next((r for r in listed if r.key == key), None) or BackboneRef.parse(key)
     family = host.family(ref.family)
     offline_source = ref.weights == "packaged" or Path(ref.weights).expanduser().is_dir()
     build_weights = (
         "none" if "none" in family.weights_sources and not offline_source else ref.weights
     )
     backbone = host.build(
-        BackboneRef(name=ref.name, weights=build_weights),
+        ref.model_copy(update={"weights": build_weights}),
         num_classes=num_classes,
         image_size=image_size,
     )

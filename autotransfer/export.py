@@ -191,7 +191,8 @@ def export_trial(
     classes, test = _classes_and_test(study, trial, spec, host, store, say)
     say(f"export: trial {trial.number} ({trial.params['backbone']}) from its checkpoint")
     backbone = load_trial_backbone(
-        trial, host, store, num_classes=len(classes), image_size=spec.data.image_size
+        trial, host, store, num_classes=len(classes), image_size=spec.data.image_size,
+        listed=spec.search.backbones,
     )
     model = backbone.model.eval()
     size = spec.data.image_size

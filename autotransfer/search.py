@@ -240,7 +240,8 @@ def evaluate_best_on_test(
     if str(best.number) in known:
         return known[str(best.number)]
     backbone = load_trial_backbone(
-        best, host, store, num_classes=len(splits.classes), image_size=spec.data.image_size
+        best, host, store, num_classes=len(splits.classes), image_size=spec.data.image_size,
+        listed=spec.search.backbones,
     )
     m = evaluate(backbone, splits.test, spec.train.eval_batch_size)
     result = {"accuracy": m.accuracy, "macro_f1": m.macro_f1, "n": len(splits.test)}

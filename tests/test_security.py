@@ -218,6 +218,38 @@ def test_remote_code_is_off_by_default_and_passed_only_when_pinned(monkeypatch) 
     assert seen[1]["trust_remote_code"] is True and seen[1]["revision"] == _SHA
 
 
+def test_rebuilding_a_trial_keeps_its_pinned_revision(monkeypatch, tmp_path: Path) -> None:
+    """Export and test metrics rebuild a trial's model from the spec's entry, so a
+    remote-code hf backbone is rebuilt at the commit the trial trained with."""
+    import optuna
+
+    from autotransfer.checkpoints import load_trial_backbone
+    from autotransfer.plugins import PluginHost
+    from autotransfer.spec import BackboneRef
+    from autotransfer.storage import artifact_store
+
+    pinned = BackboneRef(name="hf:org/model", trust_remote_code=True, revision=_SHA)
+    key = pinned.key
+    trial = optuna.trial.create_trial(
+        value=1.0, params={"backbone": key},
+        distributions={"backbone": optuna.distributions.CategoricalDistribution([key])},
+        user_attrs={"checkpoint": "0f" * 16})
+    host = PluginHost.load()
+    built: list[BackboneRef] = []
+
+    def build(ref, **kwargs):
+        built.append(ref)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(host, "build", build)
+    store = artifact_store(tmp_path / "store")
+    for listed in ([pinned], [BackboneRef(name="hf:other/model"), pinned]):
+        with pytest.raises(RuntimeError, match="stop here"):
+            load_trial_backbone(trial, host, store, num_classes=2, image_size=32, listed=listed)
+        assert built[-1].trust_remote_code and built[-1].revision == _SHA
+        assert built[-1].name == "hf:org/model" and built[-1].weights == "none"
+
+
 def test_no_plugin_is_ever_loaded_from_the_working_directory(tmp_path, monkeypatch) -> None:
     import sys
     from importlib.metadata import EntryPoint
