@@ -7,18 +7,20 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from autotransfer.predict import ExportedModel, Runtime
+    from autotransfer.export.predict import ExportedModel, Runtime
 
-__version__ = "0.1.0"
+from autotransfer._version import __version__
+
+__all__ = ["__version__", "load"]
 
 
 def load(export_dir: str | Path, runtime: Runtime = "onnx") -> ExportedModel:
     """Load a model directory made by ``autotransfer export``.
 
     ``autotransfer.load(dir).predict(["a.png", "folder/"], top_k=3)``; see
-    :func:`autotransfer.predict.load`. Imported lazily so ``import autotransfer``
+    :func:`autotransfer.export.predict.load`. Imported lazily so ``import autotransfer``
     stays light.
     """
-    from autotransfer.predict import load as _load
+    from autotransfer.export.predict import load as _load
 
     return _load(export_dir, runtime)

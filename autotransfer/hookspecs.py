@@ -5,7 +5,7 @@ entry-point group whose functions carry the ``@autotransfer.hookimpl`` marker.
 The built-in families (``timm``) are loaded through that same entry-point path.
 
 Every hook is called with keyword arguments only, through the typed facade in
-:mod:`autotransfer.plugins`; callers never touch ``pm.hook`` directly.
+:mod:`autotransfer.plugins.host`; callers never touch ``pm.hook`` directly.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What the per-epoch resumable state costs: its size, and the time to write it
 to the artifact store (``torch.save`` + atomic write with ``fsync``) and to read
 it back, for a few timm backbones (random init, no download) with AdamW after one
-training step, as :meth:`autotransfer.training.Trainer.state_dict` saves it.
+training step, as :meth:`autotransfer.engine.trainer.Trainer.state_dict` saves it.
 
     python bench/epoch_state.py                       # the default models
     python bench/epoch_state.py --models resnet18 --repeat 5
@@ -30,12 +30,12 @@ def measure(model_name: str, repeat: int, folder: Path) -> dict[str, float | str
     import optuna
     import torch
 
-    from autotransfer.data import ImageSet, Splits
-    from autotransfer.plugins import get_plugin_host
-    from autotransfer.resume import load_epoch_state, save_epoch_state
-    from autotransfer.spec import validate_spec
-    from autotransfer.storage import artifact_store
-    from autotransfer.training import Trainer, TrialParams
+    from autotransfer.data.datasets import ImageSet, Splits
+    from autotransfer.engine.trainer import Trainer, TrialParams
+    from autotransfer.plugins.host import get_plugin_host
+    from autotransfer.spec.model import validate_spec
+    from autotransfer.store.resume import load_epoch_state, save_epoch_state
+    from autotransfer.store.storage import artifact_store
 
     key = f"timm:{model_name}@none"
     spec = validate_spec({

@@ -1,8 +1,8 @@
 """Storage throughput as the engine sees it: trials/s and ask/tell latency with
 1, 4 and 16 worker processes on one study, SQLite and PostgreSQL.
 
-Each worker process opens the storage with ``autotransfer.storage.open_storage``
-and asks through :class:`autotransfer.budget.BudgetedStudy` (the budget claim
+Each worker process opens the storage with ``autotransfer.store.storage.open_storage``
+and asks through :class:`autotransfer.store.budget.BudgetedStudy` (the budget claim
 under its lock, exactly as ``search`` and ``worker`` do), with a dummy objective
 (one float parameter, one reported value, no training) and Optuna's random
 sampler, so the numbers are the storage and the claim, not a sampler or a model.
@@ -38,8 +38,8 @@ RESULTS = ROOT / "bench" / "results"
 def _worker(url: str, name: str, start_at: float, queue: mp.Queue) -> None:
     import optuna
 
-    from autotransfer.budget import BudgetedStudy, BudgetSpent, budget_lock
-    from autotransfer.storage import open_storage
+    from autotransfer.store.budget import BudgetedStudy, BudgetSpent, budget_lock
+    from autotransfer.store.storage import open_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(
@@ -73,8 +73,8 @@ def _p95(values: list[float]) -> float:
 def run(url: str, backend: str, n_workers: int, n_trials: int) -> dict[str, object]:
     import optuna
 
-    from autotransfer.budget import TARGET_ATTR
-    from autotransfer.storage import open_storage
+    from autotransfer.store.budget import TARGET_ATTR
+    from autotransfer.store.storage import open_storage
 
     name = f"bench-{backend}-{n_workers}"
     study = optuna.create_study(study_name=name, storage=open_storage(url))

@@ -10,8 +10,8 @@ import time
 
 import optuna
 
-from autotransfer.budget import BudgetedStudy, BudgetSpent, budget_lock
-from autotransfer.storage import open_storage
+from autotransfer.store.budget import BudgetedStudy, BudgetSpent, budget_lock
+from autotransfer.store.storage import open_storage
 
 
 def main(url: str, name: str, pause: float) -> None:

@@ -14,10 +14,10 @@ import numpy as np
 import optuna
 from PIL import Image
 
-import autotransfer.search as search_mod
-from autotransfer.export import export_trial
-from autotransfer.progress import Progress
-from autotransfer.spec import StudySpec, validate_spec
+import autotransfer.tuning.search as search_mod
+from autotransfer.export.writer import export_trial
+from autotransfer.spec.model import StudySpec, validate_spec
+from autotransfer.tuning.progress import Progress
 
 BACKBONE = "timm:test_efficientnet@none"
 COLOURS = {"blue": (40, 40, 200), "green": (40, 200, 40), "red": (200, 40, 40)}

@@ -15,7 +15,7 @@ import dataclasses
 import sys
 import time
 
-from autotransfer.plugins import PluginHost
+from autotransfer.plugins.host import PluginHost
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ Trials carry the same params, user attrs and intermediate values (val accuracy
 per epoch) as the search's real trials, so the report sees what it would see
 after ``autotransfer search``. Also runnable as a writer process:
 ``python _report_helpers.py STORAGE_URL STUDY_NAME N_TRIALS [PAUSE_S]`` appends
-N_TRIALS trials one by one through ``autotransfer.storage.open_storage``, pausing
+N_TRIALS trials one by one through ``autotransfer.store.storage.open_storage``, pausing
 PAUSE_S seconds after each reported epoch.
 """
 
@@ -19,9 +19,9 @@ import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
-from autotransfer.spec import load_spec
-from autotransfer.storage import open_storage
-from autotransfer.study import SPEC_ATTR, TEST_METRICS_ATTR
+from autotransfer.spec.model import load_spec
+from autotransfer.store.storage import open_storage
+from autotransfer.store.studies import SPEC_ATTR, TEST_METRICS_ATTR
 
 BACKBONES = ["timm:tf_efficientnet_lite0@packaged", "timm:resnet18@pretrained"]
 N_BLOCKS = {BACKBONES[0]: 17, BACKBONES[1]: 6}

@@ -129,7 +129,7 @@ def storage_url(tmp_path: Path) -> str:
 @pytest.fixture
 def tiny_spec(tiny_images: Path) -> Callable[..., Any]:
     """``tiny_spec(**dotted_overrides)`` -> a validated :class:`StudySpec`."""
-    from autotransfer.spec import validate_spec
+    from autotransfer.spec.model import validate_spec
 
     def make(**overrides: Any) -> Any:
         return validate_spec(tiny_spec_dict(tiny_images, **overrides))
@@ -140,8 +140,8 @@ def tiny_spec(tiny_images: Path) -> Callable[..., Any]:
 @pytest.fixture(scope="session")
 def tiny_splits(tiny_images: Path) -> Any:
     """The tiny image folder, decoded and split once (train 18 / val 9 / test 9)."""
-    from autotransfer.search import prepare_data
-    from autotransfer.spec import validate_spec
+    from autotransfer.spec.model import validate_spec
+    from autotransfer.tuning.search import prepare_data
 
     splits, _ = prepare_data(validate_spec(tiny_spec_dict(tiny_images)))
     return splits
@@ -149,7 +149,7 @@ def tiny_splits(tiny_images: Path) -> Any:
 
 @pytest.fixture(scope="session")
 def plugin_host() -> Any:
-    from autotransfer.plugins import get_plugin_host
+    from autotransfer.plugins.host import get_plugin_host
 
     return get_plugin_host()
 

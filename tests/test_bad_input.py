@@ -415,7 +415,7 @@ READERS = [["trials"], ["export", "out"], ["report", "out.html"]]
 
 @pytest.mark.parametrize("command", READERS)
 def test_empty_storage(command: list, storage_url: str, tmp_path: Path) -> None:
-    from autotransfer.storage import open_storage
+    from autotransfer.store.storage import open_storage
 
     open_storage(storage_url)  # a database with Optuna's tables and no study
     args = [tmp_path / a if a.startswith("out") else a for a in command]

@@ -1,4 +1,4 @@
-"""The exact trial budget shared by processes (:mod:`autotransfer.budget`):
+"""The exact trial budget shared by processes (:mod:`autotransfer.store.budget`):
 what it counts, waiting trials first, and many processes with a dummy
 objective on SQLite and PostgreSQL ending with exactly the target."""
 
@@ -14,15 +14,15 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
-from autotransfer.budget import (
+from autotransfer.exceptions import StorageError
+from autotransfer.store.budget import (
     TARGET_ATTR,
     BudgetedStudy,
     BudgetSpent,
     budget_lock,
     used_slots,
 )
-from autotransfer.exceptions import StorageError
-from autotransfer.storage import open_storage
+from autotransfer.store.storage import open_storage
 
 TESTS = Path(__file__).resolve().parent
 X = {"x": FloatDistribution(0, 1)}

@@ -9,12 +9,12 @@ import optuna
 import pytest
 from typer.testing import CliRunner
 
-from autotransfer.checkpoints import load_trial_backbone
 from autotransfer.cli import app
-from autotransfer.search import prepare_data
-from autotransfer.storage import artifact_store
-from autotransfer.study import load_study, stored_spec
-from autotransfer.training import evaluate
+from autotransfer.engine.trainer import evaluate
+from autotransfer.store.checkpoints import load_trial_backbone
+from autotransfer.store.storage import artifact_store
+from autotransfer.store.studies import load_study, stored_spec
+from autotransfer.tuning.search import prepare_data
 
 runner = CliRunner()
 

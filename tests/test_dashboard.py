@@ -2,7 +2,7 @@
 a study while a search still writes to it.
 
 The concurrency test runs a writer process that appends trials to the SQLite
-study through ``autotransfer.storage.open_storage`` (as a running search does)
+study through ``autotransfer.store.storage.open_storage`` (as a running search does)
 while this process renders the report and polls the dashboard's HTTP API over
 and over; the writer must finish every trial with no "database is locked".
 """
@@ -28,8 +28,8 @@ from _scale_helpers import assert_exact_study, finish, start_search_and_workers
 from typer.testing import CliRunner
 
 from autotransfer.cli import app
-from autotransfer.report import render_report
-from autotransfer.study import load_study
+from autotransfer.report.page import render_report
+from autotransfer.store.studies import load_study
 
 TESTS = Path(__file__).resolve().parent
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from autotransfer.data import load_dataset, min_per_class, stratified_split
+from autotransfer.data.datasets import load_dataset, min_per_class, stratified_split
 from autotransfer.exceptions import DataError
-from autotransfer.spec import DataSpec, SplitSpec
+from autotransfer.spec.model import DataSpec, SplitSpec
 
 
 def test_image_folder_is_decoded_at_image_size(tiny_images: Path) -> None:

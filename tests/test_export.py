@@ -17,15 +17,15 @@ import yaml
 from _export_helpers import COLOURS, TinyExport, tiny_export, write_images
 from typer.testing import CliRunner
 
-from autotransfer.augment import normalise
-from autotransfer.checkpoints import load_trial_backbone
 from autotransfer.cli import app
-from autotransfer.data import load_dataset
+from autotransfer.data.augment import normalise
+from autotransfer.data.datasets import load_dataset
 from autotransfer.exceptions import ExportError, StorageError
-from autotransfer.export import check_target, export_trial
-from autotransfer.plugins import get_plugin_host
-from autotransfer.storage import artifact_store
-from autotransfer.study import ARTIFACTS_ATTR, CLASSES_ATTR
+from autotransfer.export.writer import check_target, export_trial
+from autotransfer.plugins.host import get_plugin_host
+from autotransfer.store.checkpoints import load_trial_backbone
+from autotransfer.store.storage import artifact_store
+from autotransfer.store.studies import ARTIFACTS_ATTR, CLASSES_ATTR
 
 runner = CliRunner()
 

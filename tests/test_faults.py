@@ -15,10 +15,10 @@ import optuna
 import pytest
 import torch
 
-from autotransfer.objective import Objective
-from autotransfer.progress import Progress
-from autotransfer.storage import artifact_store
-from autotransfer.training import Trainer, TrialError, TrialParams, is_out_of_memory
+from autotransfer.engine.trainer import Trainer, TrialError, TrialParams, is_out_of_memory
+from autotransfer.store.storage import artifact_store
+from autotransfer.tuning.objective import Objective
+from autotransfer.tuning.progress import Progress
 
 GOOD = {"backbone": "timm:test_resnet@none", "freeze": 0.2, "lr": 5e-3,
         "weight_decay": 1e-4, "batch_size": 8, "alpha": 0.25}
@@ -99,8 +99,8 @@ def test_micro_batches_give_the_whole_batch_gradient(plugin_host, tiny_spec, tin
     torch.manual_seed(0)
     backbone = plugin_host.build(spec.search.backbones[0], num_classes=3, image_size=32)
     trainer = Trainer(backbone, tiny_splits, params, spec, seed=0)
-    from autotransfer.augment import normalise
-    from autotransfer.freeze import train_mode
+    from autotransfer.backbones.freeze import train_mode
+    from autotransfer.data.augment import normalise
 
     train_mode(backbone.model, trainer.frozen_norms)  # frozen BatchNorm in eval mode
     x = normalise(tiny_splits.train.images[:8], backbone.preprocessing)
@@ -145,7 +145,7 @@ def test_oom_at_the_floor_fails_the_trial_and_the_study_goes_on(
 def test_oom_while_evaluating_halves_the_eval_batch(
     plugin_host, tiny_spec, tiny_splits, tmp_path: Path, monkeypatch
 ) -> None:
-    real_eval = __import__("autotransfer.training", fromlist=["evaluate"]).evaluate
+    real_eval = __import__("autotransfer.engine.trainer", fromlist=["evaluate"]).evaluate
     sizes: list[int] = []
 
     def evaluate(backbone, data, batch_size=256, on_batch=None):
@@ -154,7 +154,7 @@ def test_oom_while_evaluating_halves_the_eval_batch(
             raise torch.OutOfMemoryError("CUDA out of memory")
         return real_eval(backbone, data, batch_size, on_batch)
 
-    monkeypatch.setattr("autotransfer.training.evaluate", evaluate)
+    monkeypatch.setattr("autotransfer.engine.trainer.evaluate", evaluate)
     study = _optimize(tiny_spec(**{"train.epochs": 1}), tiny_splits, plugin_host, tmp_path, GOOD)
     assert study.trials[0].state == optuna.trial.TrialState.COMPLETE
     assert sizes[:4] == [64, 32, 16, 8] and sizes[4] == 4
@@ -209,9 +209,9 @@ def test_non_finite_loss_or_metric_fails_never_completes(
 
         monkeypatch.setattr(plugin_host, "build", build)
     else:
-        from autotransfer.training import Metrics
+        from autotransfer.engine.trainer import Metrics
 
-        monkeypatch.setattr("autotransfer.training.evaluate",
+        monkeypatch.setattr("autotransfer.engine.trainer.evaluate",
                             lambda *a, **k: Metrics(accuracy=0.5, macro_f1=0.5, loss=value))
     study = _optimize(tiny_spec(**{"train.epochs": 1}), tiny_splits, plugin_host, tmp_path,
                       dict(GOOD, alpha=0.0))
@@ -275,13 +275,13 @@ def test_plugin_raising_while_building_is_named_before_any_trial(
     from typer.testing import CliRunner
 
     from autotransfer.cli import app
-    from autotransfer.plugins import PluginHost, PluginInfo
+    from autotransfer.plugins.host import PluginHost, PluginInfo
 
     host = PluginHost.load()
     host.families["broken"] = _BrokenFamily()
     host.family_plugins["broken"] = "brokenplug"
     host.plugins.append(PluginInfo("brokenplug", "autotransfer-broken", "0.3.1", False))
-    monkeypatch.setattr("autotransfer.search.get_plugin_host", lambda: host)
+    monkeypatch.setattr("autotransfer.tuning.search.get_plugin_host", lambda: host)
     result = CliRunner().invoke(app, ["search", str(write_spec()), "--storage", storage_url,
                                       "--backbones", "broken:net@none"])
     assert result.exit_code == 2, result.output
@@ -318,7 +318,7 @@ def test_every_trial_failing_exits_1_and_exports_nothing(
 
 
 def test_cuda_cache_is_released_after_each_trial(monkeypatch) -> None:
-    from autotransfer.search import release_cached_memory
+    from autotransfer.tuning.search import release_cached_memory
 
     calls: list[str] = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -328,7 +328,7 @@ def test_cuda_cache_is_released_after_each_trial(monkeypatch) -> None:
 
 
 def test_free_memory_collects_and_empties_the_cuda_cache(monkeypatch) -> None:
-    import autotransfer.training as training
+    import autotransfer.engine.trainer as training
 
     events: list[str] = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -345,7 +345,7 @@ def test_oom_frees_memory_after_dropping_the_exception(
     memory is freed outside the ``except`` block, before the retry."""
     import sys
 
-    import autotransfer.training as training
+    import autotransfer.engine.trainer as training
 
     states: list[object] = []
     real = training.free_memory

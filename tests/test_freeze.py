@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from autotransfer.freeze import freeze, freeze_depth, train_mode
-from autotransfer.spec import BackboneRef
-from autotransfer.training import Trainer, TrialParams
+from autotransfer.backbones.freeze import freeze, freeze_depth, train_mode
+from autotransfer.engine.trainer import Trainer, TrialParams
+from autotransfer.spec.model import BackboneRef
 
 
 @pytest.mark.parametrize(

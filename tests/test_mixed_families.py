@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from autotransfer.cli import app
-from autotransfer.study import create_or_resume
+from autotransfer.store.studies import create_or_resume
 
 runner = CliRunner()
 

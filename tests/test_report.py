@@ -20,7 +20,7 @@ from _report_helpers import make_study
 from typer.testing import CliRunner
 
 from autotransfer.cli import app
-from autotransfer.report import render_report
+from autotransfer.report.page import render_report
 
 PLOT_IDS = ["plot-history", "plot-importances", "plot-backbones", "plot-curves", "plot-parallel"]
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from autotransfer.data import load_dataset
-from autotransfer.freeze import freeze
-from autotransfer.retention import L2SP, Distill, SourceTask
-from autotransfer.spec import BackboneRef, DataSpec
-from autotransfer.training import Trainer, TrialParams
+from autotransfer.backbones.freeze import freeze
+from autotransfer.data.datasets import load_dataset
+from autotransfer.engine.retention import L2SP, Distill, SourceTask
+from autotransfer.engine.trainer import Trainer, TrialParams
+from autotransfer.spec.model import BackboneRef, DataSpec
 
 REF = BackboneRef(name="timm:test_resnet", weights="none")
 
@@ -144,7 +144,7 @@ def test_alpha_zero_is_plain_fine_tuning(
     def no_retention(*args, **kwargs):
         raise AssertionError("alpha = 0 must not build a retention term")
 
-    monkeypatch.setattr("autotransfer.training.make_retention", no_retention)
+    monkeypatch.setattr("autotransfer.engine.trainer.make_retention", no_retention)
     losses = {}
     for kind in ("l2sp", "distill", "source"):
         spec = _spec_for(kind, tiny_spec, source_images)

@@ -13,9 +13,9 @@ from _scale_helpers import assert_exact_study, finish, start_search_and_workers
 from typer.testing import CliRunner
 
 from autotransfer.cli import app
-from autotransfer.progress import Progress
-from autotransfer.recovery import WORKER_ATTR
-from autotransfer.worker import run_worker
+from autotransfer.store.recovery import WORKER_ATTR
+from autotransfer.tuning.progress import Progress
+from autotransfer.tuning.worker import run_worker
 
 runner = CliRunner()
 

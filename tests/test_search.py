@@ -8,10 +8,10 @@ import optuna
 import pytest
 
 from autotransfer.exceptions import SpecError
-from autotransfer.progress import Progress
-from autotransfer.search import run_search
-from autotransfer.study import create_or_resume, load_study
-from autotransfer.summary import trial_records
+from autotransfer.store.studies import create_or_resume, load_study
+from autotransfer.store.summary import trial_records
+from autotransfer.tuning.progress import Progress
+from autotransfer.tuning.search import run_search
 
 GOOD = {"backbone": "timm:test_resnet@none", "freeze": 0.0, "lr": 1e-2,
         "weight_decay": 1e-4, "batch_size": 8, "alpha": 0.0}

@@ -99,7 +99,7 @@ class _FakeEntryPoint:
     ],
 )
 def test_plugin_allow_and_deny_lists(monkeypatch, allow, deny, expected) -> None:
-    import autotransfer.plugins as plugins
+    import autotransfer.plugins.host as plugins
 
     real = plugins.entry_points(group=plugins.ENTRY_POINT_GROUP)
     loaded: list[str] = []
@@ -135,9 +135,9 @@ def test_plugin_allow_and_deny_lists(monkeypatch, allow, deny, expected) -> None
 def test_a_tampered_checkpoint_id_is_not_read(artifact_id, plugin_host, tmp_path: Path) -> None:
     import optuna
 
-    from autotransfer.checkpoints import load_trial_backbone
     from autotransfer.exceptions import StorageError
-    from autotransfer.storage import artifact_store
+    from autotransfer.store.checkpoints import load_trial_backbone
+    from autotransfer.store.storage import artifact_store
 
     key = "timm:test_resnet@none"
     trial = optuna.trial.create_trial(
@@ -153,7 +153,7 @@ def test_a_tampered_checkpoint_id_is_not_read(artifact_id, plugin_host, tmp_path
 @pytest.mark.parametrize("kind", ["to an outside dir", "dangling", "to the parent"])
 def test_export_to_a_symlink_is_refused(kind: str, tmp_path: Path) -> None:
     from autotransfer.exceptions import ExportError
-    from autotransfer.export import check_target
+    from autotransfer.export.writer import check_target
 
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -185,7 +185,7 @@ _SHA = "0123456789abcdef0123456789abcdef01234567"
 )
 def test_remote_code_needs_hf_and_a_pinned_commit(backbone: dict, needle: str) -> None:
     from autotransfer.exceptions import SpecError
-    from autotransfer.spec import validate_spec
+    from autotransfer.spec.model import validate_spec
 
     raw = {"name": "s", "data": {"path": "sklearn:digits"}, "search": {"backbones": [backbone]}}
     with pytest.raises(SpecError, match=needle):
@@ -197,8 +197,8 @@ def test_remote_code_is_off_by_default_and_passed_only_when_pinned(monkeypatch) 
     import transformers
 
     from autotransfer.exceptions import BackboneError
-    from autotransfer.plugins import PluginHost
-    from autotransfer.spec import BackboneRef
+    from autotransfer.plugins.host import PluginHost
+    from autotransfer.spec.model import BackboneRef
 
     seen: list[dict] = []
 
@@ -223,10 +223,10 @@ def test_rebuilding_a_trial_keeps_its_pinned_revision(monkeypatch, tmp_path: Pat
     remote-code hf backbone is rebuilt at the commit the trial trained with."""
     import optuna
 
-    from autotransfer.checkpoints import load_trial_backbone
-    from autotransfer.plugins import PluginHost
-    from autotransfer.spec import BackboneRef
-    from autotransfer.storage import artifact_store
+    from autotransfer.plugins.host import PluginHost
+    from autotransfer.spec.model import BackboneRef
+    from autotransfer.store.checkpoints import load_trial_backbone
+    from autotransfer.store.storage import artifact_store
 
     pinned = BackboneRef(name="hf:org/model", trust_remote_code=True, revision=_SHA)
     key = pinned.key
@@ -254,7 +254,7 @@ def test_no_plugin_is_ever_loaded_from_the_working_directory(tmp_path, monkeypat
     import sys
     from importlib.metadata import EntryPoint
 
-    import autotransfer.plugins as plugins
+    import autotransfer.plugins.host as plugins
 
     marker = tmp_path / "ran"
     (tmp_path / "cwd_plugin_mod.py").write_text(f"open({str(marker)!r}, 'w').close()\n")

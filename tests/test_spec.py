@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from autotransfer.exceptions import SpecError, UserInputError
-from autotransfer.spec import StudySpec, default_spec_path, load_spec, validate_spec
+from autotransfer.spec.model import StudySpec, default_spec_path, load_spec, validate_spec
 
 
 def test_embedded_default_spec_loads_and_validates() -> None:

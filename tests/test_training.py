@@ -8,11 +8,11 @@ import optuna
 import pytest
 import torch
 
-from autotransfer.checkpoints import load_trial_backbone
-from autotransfer.objective import Objective
-from autotransfer.progress import Progress
-from autotransfer.storage import artifact_store
-from autotransfer.training import Trainer, TrialParams, evaluate
+from autotransfer.engine.trainer import Trainer, TrialParams, evaluate
+from autotransfer.store.checkpoints import load_trial_backbone
+from autotransfer.store.storage import artifact_store
+from autotransfer.tuning.objective import Objective
+from autotransfer.tuning.progress import Progress
 
 GOOD = {"backbone": "timm:test_resnet@none", "freeze": 0.2, "lr": 5e-3,
         "weight_decay": 1e-4, "batch_size": 8, "alpha": 0.25}
@@ -101,7 +101,7 @@ def test_value_is_max_over_epochs(plugin_host, tiny_spec, tiny_splits, tmp_path:
 
 
 def test_evaluate_metrics(plugin_host, tiny_splits) -> None:
-    from autotransfer.spec import BackboneRef
+    from autotransfer.spec.model import BackboneRef
 
     b = plugin_host.build(BackboneRef(name="timm:test_resnet", weights="none"),
                           num_classes=3, image_size=32)
@@ -123,7 +123,7 @@ def test_very_high_lr_fails_the_trial_with_a_reason(
     params = dict(GOOD, lr=1e12, freeze=0.0, alpha=0.0)
     study = optuna.create_study(direction="maximize")
     study.enqueue_trial(params)
-    from autotransfer.training import TrialError
+    from autotransfer.engine.trainer import TrialError
 
     study.optimize(
         Objective(spec, tiny_splits, plugin_host, artifact_store(tmp_path), Progress()),

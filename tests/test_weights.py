@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from autotransfer.backbones.weights import load_state_dict_file
 from autotransfer.exceptions import BackboneError
-from autotransfer.weights import load_state_dict_file
 
 
 class _WritesFile:

@@ -8,8 +8,8 @@ from pathlib import Path
 import optuna
 from typer.testing import CliRunner
 
-from autotransfer.budget import TARGET_ATTR
 from autotransfer.cli import app
+from autotransfer.store.budget import TARGET_ATTR
 
 runner = CliRunner()
 

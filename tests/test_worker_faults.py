@@ -26,12 +26,12 @@ import torch
 from typer.testing import CliRunner
 
 from autotransfer.cli import app
-from autotransfer.objective import Objective
-from autotransfer.progress import Progress
-from autotransfer.recovery import RetryStaleTrial, recover_lost_trials
-from autotransfer.resume import load_epoch_state, save_epoch_state
-from autotransfer.storage import artifact_store, open_storage
-from autotransfer.training import Trainer, TrialError, TrialParams
+from autotransfer.engine.trainer import Trainer, TrialError, TrialParams
+from autotransfer.store.recovery import RetryStaleTrial, recover_lost_trials
+from autotransfer.store.resume import load_epoch_state, save_epoch_state
+from autotransfer.store.storage import artifact_store, open_storage
+from autotransfer.tuning.objective import Objective
+from autotransfer.tuning.progress import Progress
 
 WORKER = Path(__file__).with_name("_fault_worker.py")
 PARAMS = {"backbone": "timm:test_resnet@none", "freeze": 0.2, "lr": 5e-3,
@@ -92,7 +92,7 @@ def test_writers_heartbeat_readers_do_not_and_settings_are_resumable(
     tiny_spec, storage_url: str, tmp_path: Path
 ) -> None:
     from autotransfer.exceptions import SpecError
-    from autotransfer.study import create_or_resume, load_study
+    from autotransfer.store.studies import create_or_resume, load_study
 
     spec = tiny_spec()
     study = create_or_resume(spec, storage_url, tmp_path / "a")
@@ -102,7 +102,7 @@ def test_writers_heartbeat_readers_do_not_and_settings_are_resumable(
     read = load_study(storage_url, spec.name)  # how readers (trials, report) open it
     assert read._storage._backend.heartbeat_interval is None
     # A worker loads the study to read its spec; its trial loop reopens it to write.
-    from autotransfer.recovery import writer_study
+    from autotransfer.store.recovery import writer_study
 
     assert writer_study(read, spec.recovery)._storage._backend.grace_period == 120
     # Changing them (or the stall timeout) on resume is allowed: same study.
@@ -330,8 +330,8 @@ def test_text_trainer_with_dropout_resumes_exactly_too(plugin_host, tmp_path: Pa
     pytest.importorskip("transformers")
     from _text_helpers import save_tiny_bert, sentences, write_csv
 
-    from autotransfer.data import load_text_file, stratified_split
-    from autotransfer.spec import validate_spec
+    from autotransfer.data.datasets import load_text_file, stratified_split
+    from autotransfer.spec.model import validate_spec
 
     bert = save_tiny_bert(tmp_path / "bert")
     data = write_csv(tmp_path / "topics.csv", sentences(8))
@@ -366,7 +366,7 @@ def test_text_trainer_with_dropout_resumes_exactly_too(plugin_host, tmp_path: Pa
 def test_failed_checkpoint_write_keeps_the_previous_state_recorded_and_whole(
     tmp_path: Path, monkeypatch
 ) -> None:
-    import autotransfer.storage as storage
+    import autotransfer.store.storage as storage
 
     store = artifact_store(tmp_path / "artifacts")
     study = optuna.create_study()
@@ -404,7 +404,7 @@ def test_full_disk_fails_only_the_trial_that_cannot_write_its_checkpoint(
     """Epoch states that cannot be written are reported and training goes on;
     a best checkpoint that cannot be written fails the trial (checkpoint_error),
     and the study goes on."""
-    import autotransfer.storage as storage
+    import autotransfer.store.storage as storage
 
     def disk_full(src, dst, *args):
         raise OSError(errno.ENOSPC, "No space left on device")

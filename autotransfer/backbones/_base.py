@@ -107,7 +107,7 @@ class Backbone:
         plugin: the plugin (module) that built it, for error reports.
         modality: ``image`` (``model(x)`` takes a float NCHW batch) or ``text``
             (``model(input_ids, attention_mask)``, both (batch, length) int64;
-            a batch is the dict of the two, see :mod:`autotransfer.batches`).
+            a batch is the dict of the two, see :mod:`autotransfer.data.batches`).
     """
 
     name: str

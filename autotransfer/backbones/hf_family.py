@@ -52,9 +52,9 @@ from torch import nn
 
 from autotransfer.backbones._base import Backbone, BackboneFamily, Preprocessing, TextPreprocessing
 from autotransfer.backbones._util import blocks_from_paths, expand, param_names
+from autotransfer.backbones.weights import SAFE_SUFFIXES, TORCH_SUFFIXES, load_state_dict_file
 from autotransfer.exceptions import BackboneError
 from autotransfer.hookspecs import hookimpl
-from autotransfer.weights import SAFE_SUFFIXES, TORCH_SUFFIXES, load_state_dict_file
 
 IMAGENET = Preprocessing(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 CLS_TOKEN_TYPES = frozenset({"vit", "deit", "vit_msn"})

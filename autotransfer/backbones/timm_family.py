@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from autotransfer.backbones._base import Backbone, BackboneFamily, Preprocessing
+from autotransfer.backbones.weights import load_state_dict_file
 from autotransfer.exceptions import BackboneError
 from autotransfer.hookspecs import hookimpl
-from autotransfer.weights import load_state_dict_file
 
 
 def _packaged_efficientnet_lite0() -> tuple[dict[str, torch.Tensor], Preprocessing]:

@@ -38,9 +38,9 @@ from autotransfer.backbones._util import (
     param_names,
     set_submodule,
 )
+from autotransfer.backbones.weights import load_state_dict_file
 from autotransfer.exceptions import BackboneError
 from autotransfer.hookspecs import hookimpl
-from autotransfer.weights import load_state_dict_file
 
 IMAGENET = Preprocessing(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 HEAD_ATTRS = ("heads", "head", "fc", "classifier")

@@ -50,7 +50,7 @@ class _Group(TyperGroup):
             message = " ".join(exc.format_message().split())
             typer.echo(f"error: {message}; see '{where} -h'", err=True)
             raise typer.Exit(2) from None
-        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (autotransfer.interrupts)
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (autotransfer.tuning.interrupts)
             if debug_enabled():
                 raise
             name = getattr(exc, "signame", "SIGINT")

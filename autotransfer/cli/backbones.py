@@ -35,7 +35,7 @@ def backbones(
     from rich.table import Table
 
     from autotransfer.exceptions import BackboneError
-    from autotransfer.plugins import get_plugin_host
+    from autotransfer.plugins.host import get_plugin_host
 
     host = get_plugin_host()
     infos = {p.name: p for p in host.plugins}

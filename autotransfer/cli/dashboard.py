@@ -64,7 +64,7 @@ def dashboard(
             "the dashboard needs optuna-dashboard, which is not installed; "
             "pip install optuna-dashboard"
         ) from None
-    from autotransfer.storage import open_storage, redact, require_existing
+    from autotransfer.store.storage import open_storage, redact, require_existing
 
     require_existing(storage)
     rdb = open_storage(storage)  # SQLite with a long busy timeout: never trips a running search

@@ -32,8 +32,8 @@ def export(
     onnxruntime), config.json and a model card README.md. Both programs take float32
     NCHW input, normalised with the mean/std in config.json, and return logits.
     """
-    from autotransfer.export import export_trial
-    from autotransfer.study import load_study
+    from autotransfer.export.writer import export_trial
+    from autotransfer.store.studies import load_study
 
     study = load_study(storage, study_name)
     result = export_trial(study, out_dir, trial, force=force, message=_stderr)

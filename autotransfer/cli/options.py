@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from autotransfer.storage import DEFAULT_STORAGE
+from autotransfer.store.storage import DEFAULT_STORAGE
 
 Storage = Annotated[
     str,

@@ -23,7 +23,7 @@ def plugins(
     from rich.console import Console
     from rich.table import Table
 
-    from autotransfer.plugins import get_plugin_host
+    from autotransfer.plugins.host import get_plugin_host
 
     host = get_plugin_host()
     rows = []

@@ -40,7 +40,7 @@ def predict(
     import sys
 
     from autotransfer.exceptions import DataError
-    from autotransfer.predict import load
+    from autotransfer.export.predict import load
 
     model = load(export_dir, runtime)  # type: ignore[arg-type]
     if model.modality == "text":

@@ -8,9 +8,9 @@ import sys
 import optuna
 from rich.console import Console
 
-from autotransfer.search import SearchOutcome
-from autotransfer.study import test_metrics
-from autotransfer.summary import best_per_backbone, trial_records, trials_table
+from autotransfer.store.studies import test_metrics
+from autotransfer.store.summary import best_per_backbone, trial_records, trials_table
+from autotransfer.tuning.search import SearchOutcome
 
 
 def _stdout() -> Console:

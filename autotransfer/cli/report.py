@@ -31,8 +31,8 @@ def report(
     plotly.js is embedded, so the page opens offline. Reading a study that is
     still running is safe; run it again to refresh the page.
     """
-    from autotransfer.report import render_report
-    from autotransfer.study import load_study
+    from autotransfer.report.page import render_report
+    from autotransfer.store.studies import load_study
 
     out = out.expanduser()
     if out.is_dir():

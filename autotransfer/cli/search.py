@@ -86,9 +86,9 @@ def search(
     best one. Running it again resumes the study: new trials are added.
     """
     from autotransfer.cli.render import print_search_outcome
-    from autotransfer.progress import Progress
-    from autotransfer.search import run_search
-    from autotransfer.spec import load_spec
+    from autotransfer.spec.model import load_spec
+    from autotransfer.tuning.progress import Progress
+    from autotransfer.tuning.search import run_search
 
     overrides = {
         "data.path": data,
@@ -107,7 +107,7 @@ def search(
         overrides["data.path"] = str(Path(data).resolve())
     resolved = load_spec(spec, overrides)
     if export is not None:
-        from autotransfer.export import check_target
+        from autotransfer.export.writer import check_target
 
         check_target(export)  # refuse a bad export path before the search, not after
         target = export.resolve()
@@ -123,7 +123,7 @@ def search(
     )
     print_search_outcome(outcome, json_out)
     if export is not None:
-        from autotransfer.export import export_trial
+        from autotransfer.export.writer import export_trial
 
         done = export_trial(
             outcome.study, export, outcome.best.number, message=lambda m: typer.echo(m, err=True)

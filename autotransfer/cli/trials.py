@@ -16,6 +16,6 @@ def trials(
 ) -> None:
     """List the trials of a study: state, parameters, value, where pruning stopped."""
     from autotransfer.cli.render import print_trials
-    from autotransfer.study import load_study
+    from autotransfer.store.studies import load_study
 
     print_trials(load_study(storage, study_name), json_out)

@@ -52,7 +52,7 @@ def worker(
     --n-trials / --timeout). Prints one summary line when it stops. See
     docs/scale-out.md.
     """
-    from autotransfer.worker import run_worker
+    from autotransfer.tuning.worker import run_worker
 
     outcome = run_worker(
         storage, study_name, artifacts, data, n_trials, timeout, wait=wait

@@ -18,13 +18,13 @@ Each test builds the backbone on the CPU with ``weights="none"`` (random init:
 no downloads) unless the case names other weights, and checks the contract of
 :class:`autotransfer.backbones.Backbone`: forward and backward, blocks that cover
 every trunk parameter exactly once and leave out the head, freezing the first k
-blocks (:func:`autotransfer.freeze.freeze`), a head resized to ``num_classes``,
+blocks (:func:`autotransfer.backbones.freeze.freeze`), a head resized to ``num_classes``,
 ``classify(features(x)) == model(x)`` in eval mode, valid preprocessing. A case
 is built once per test session and deep-copied for each test.
 
 Image backbones get random image batches; text backbones (``modality ==
 "text"``) get a few sentences encoded by their own tokenizer and padded
-(:mod:`autotransfer.batches`), so the checks also show that the tokenizer fits
+(:mod:`autotransfer.data.batches`), so the checks also show that the tokenizer fits
 the model (token ids inside the vocabulary, max length inside the position
 embeddings).
 
@@ -45,8 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from autotransfer.backbones import MODALITIES, Backbone, BackboneFamily, TextPreprocessing
-from autotransfer.batches import Batch, forward, pad
-from autotransfer.freeze import freeze, freeze_depth, train_mode
+from autotransfer.backbones.freeze import freeze, freeze_depth, train_mode
+from autotransfer.data.batches import Batch, forward, pad
 
 SENTENCES = (
     "the film was good",
@@ -103,7 +103,7 @@ class BackboneCase:
         if isinstance(self.family, BackboneFamily):
             return self.family
         if isinstance(self.family, str):
-            from autotransfer.plugins import get_plugin_host
+            from autotransfer.plugins.host import get_plugin_host
 
             return get_plugin_host().family(self.family)
         return self.family()

@@ -5,10 +5,10 @@ epoch, ask ``should_prune()``, raise ``TrialPruned``. The trial's value is its
 best epoch's accuracy, and its checkpoint is that epoch's weights.
 
 Faults (see docs/faults.md): after every epoch the training state is saved
-(:mod:`autotransfer.resume`), so a trial queued again after an interruption or
+(:mod:`autotransfer.store.resume`), so a trial queued again after an interruption or
 a lost worker continues at the next epoch; a trial with no progress for
 ``train.stall_timeout`` seconds is ended by the watchdog (reason ``timeout``);
-SIGTERM/Ctrl-C mark the trial and queue it again (:mod:`autotransfer.recovery`).
+SIGTERM/Ctrl-C mark the trial and queue it again (:mod:`autotransfer.store.recovery`).
 """
 
 from __future__ import annotations
@@ -20,23 +20,23 @@ import optuna
 import torch
 from optuna.artifacts._protocol import ArtifactStore
 
-from autotransfer.batches import fit_to_data
-from autotransfer.checkpoints import save_checkpoint
-from autotransfer.data import ImageSet, Splits
+from autotransfer.data.batches import fit_to_data
+from autotransfer.data.datasets import ImageSet, Splits
+from autotransfer.engine.trainer import Trainer, TrialError, TrialParams
 from autotransfer.exceptions import AutotransferError
-from autotransfer.interrupts import signal_name
-from autotransfer.plugins import PluginHost
-from autotransfer.progress import Progress
-from autotransfer.recovery import WORKER_ATTR, requeue_interrupted, worker_identity
-from autotransfer.resume import (
+from autotransfer.plugins.host import PluginHost
+from autotransfer.spec.model import BackboneRef, FloatParam, FloatRange, StudySpec
+from autotransfer.store.checkpoints import save_checkpoint
+from autotransfer.store.recovery import WORKER_ATTR, requeue_interrupted, worker_identity
+from autotransfer.store.resume import (
     RESUME_STATE_ATTR,
     drop_artifact,
     load_epoch_state,
     save_epoch_state,
 )
-from autotransfer.spec import BackboneRef, FloatParam, FloatRange, StudySpec
-from autotransfer.training import Trainer, TrialError, TrialParams
-from autotransfer.watchdog import TrialStalled, Watchdog
+from autotransfer.tuning.interrupts import signal_name
+from autotransfer.tuning.progress import Progress
+from autotransfer.tuning.watchdog import TrialStalled, Watchdog
 
 FAIL_REASON_ATTR = "fail_reason"
 
@@ -107,7 +107,7 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         try:
             return self._run(trial)
-        except KeyboardInterrupt as exc:  # SIGTERM or Ctrl-C (autotransfer.interrupts)
+        except KeyboardInterrupt as exc:  # SIGTERM or Ctrl-C (autotransfer.tuning.interrupts)
             self._interrupted(trial, exc)
             raise
 

@@ -2,8 +2,8 @@
 and connections that wait out a server restart.
 
 :func:`shared_lock` is a PostgreSQL advisory lock, or a file lock beside a
-SQLite file; the trial budget (:mod:`autotransfer.budget`) and the creation of
-Optuna's tables (:func:`autotransfer.storage.open_storage`: processes opening a
+SQLite file; the trial budget (:mod:`autotransfer.store.budget`) and the creation of
+Optuna's tables (:func:`autotransfer.store.storage.open_storage`: processes opening a
 new database at once would race to create them) use it.
 """
 

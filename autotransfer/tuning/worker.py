@@ -4,7 +4,7 @@ A worker reads everything from the study itself: the spec saved when
 ``autotransfer search`` created it (study attribute ``spec``) and the artifacts
 directory (attribute ``artifacts``, overridable because another machine may mount
 it elsewhere). It then runs trials with the same loop as ``search``
-(:func:`autotransfer.search.run_trials`).
+(:func:`autotransfer.tuning.search.run_trials`).
 """
 
 from __future__ import annotations
@@ -18,13 +18,11 @@ from pathlib import Path
 
 import optuna
 
-from autotransfer.budget import BudgetedStudy, budget_lock
 from autotransfer.exceptions import DataError, StorageError
-from autotransfer.progress import Progress
-from autotransfer.search import load_worker_inputs, run_trials
-from autotransfer.spec import StudySpec, validate_spec
-from autotransfer.storage import open_storage, require_existing
-from autotransfer.study import (
+from autotransfer.spec.model import StudySpec, validate_spec
+from autotransfer.store.budget import BudgetedStudy, budget_lock
+from autotransfer.store.storage import open_storage, require_existing
+from autotransfer.store.studies import (
     ARTIFACTS_ATTR,
     CLASSES_ATTR,
     load_study,
@@ -32,6 +30,8 @@ from autotransfer.study import (
     make_sampler,
     stored_spec,
 )
+from autotransfer.tuning.progress import Progress
+from autotransfer.tuning.search import load_worker_inputs, run_trials
 
 
 @dataclass
@@ -122,7 +122,7 @@ def run_worker(
     wait: float = 0.0,
 ) -> WorkerOutcome:
     """Join the existing study ``study_name`` and run trials until the study's
-    target is met (:mod:`autotransfer.budget`) or this worker's own limits
+    target is met (:mod:`autotransfer.store.budget`) or this worker's own limits
     (``n_trials``, ``timeout``) are reached. ``wait``: seconds to wait for the
     study to be created.
 

@@ -2,11 +2,11 @@
 
 Images are kept as one uint8 tensor (N, 3, S, S) at the spec's image size, so
 every trial of a worker reuses the decoded data; normalisation and augmentation
-happen per batch on tensors (:mod:`autotransfer.augment`).
+happen per batch on tensors (:mod:`autotransfer.data.augment`).
 
 Texts come from a CSV or JSONL file (a text and a label column) and are kept as
 strings; each tokenizer encodes them once per worker (:meth:`TextSet.encoded`)
-and batches are padded to their longest text (:mod:`autotransfer.batches`).
+and batches are padded to their longest text (:mod:`autotransfer.data.batches`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from autotransfer.exceptions import DataError
-from autotransfer.spec import DataSpec, SplitSpec
+from autotransfer.spec.model import DataSpec, SplitSpec
 
 if TYPE_CHECKING:
     import PIL.Image

@@ -4,7 +4,7 @@ While :func:`handle_signals` is active, the first SIGTERM or SIGINT raises
 :class:`Interrupted` in the main thread, wherever it is. The objective catches
 it, marks the running trial (user attribute ``interrupted``: the signal's
 name, ``fail_reason`` ``interrupted``), queues it again from its last epoch
-state (see :mod:`autotransfer.recovery`) and lets it fail; the command then
+state (see :mod:`autotransfer.store.recovery`) and lets it fail; the command then
 exits with 128 + the signal number (143 for SIGTERM, 130 for Ctrl-C) and one
 line saying how to resume. A second signal while that happens ends the process
 at once (the heartbeat recovery then takes care of the trial).

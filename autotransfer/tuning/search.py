@@ -15,19 +15,24 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from autotransfer.budget import BudgetedStudy, BudgetSpent, budget_lock
-from autotransfer.checkpoints import load_trial_backbone
-from autotransfer.data import Dataset, Splits, load_dataset, stratified_split
+from autotransfer.data.datasets import Dataset, Splits, load_dataset, stratified_split
+from autotransfer.engine.trainer import TrialError, evaluate
 from autotransfer.exceptions import AutotransferError, BackboneError, NoSuccessfulTrialsError
-from autotransfer.interrupts import handle_signals
-from autotransfer.objective import Objective, plugin_label
-from autotransfer.plugins import PluginHost, get_plugin_host
-from autotransfer.progress import Progress
-from autotransfer.recovery import after_trial, recover_lost_trials, writer_study
-from autotransfer.spec import StudySpec
-from autotransfer.storage import artifact_store, default_artifacts_dir, open_storage
-from autotransfer.study import CLASSES_ATTR, TEST_METRICS_ATTR, create_or_resume, test_metrics
-from autotransfer.training import TrialError, evaluate
+from autotransfer.plugins.host import PluginHost, get_plugin_host
+from autotransfer.spec.model import StudySpec
+from autotransfer.store.budget import BudgetedStudy, BudgetSpent, budget_lock
+from autotransfer.store.checkpoints import load_trial_backbone
+from autotransfer.store.recovery import after_trial, recover_lost_trials, writer_study
+from autotransfer.store.storage import artifact_store, default_artifacts_dir, open_storage
+from autotransfer.store.studies import (
+    CLASSES_ATTR,
+    TEST_METRICS_ATTR,
+    create_or_resume,
+    test_metrics,
+)
+from autotransfer.tuning.interrupts import handle_signals
+from autotransfer.tuning.objective import Objective, plugin_label
+from autotransfer.tuning.progress import Progress
 
 
 @dataclass
@@ -116,7 +121,7 @@ def run_trials(
     """The trial loop that ``search`` and ``worker`` share: Optuna's
     ``study.optimize`` with our objective, the trial errors it catches and the
     callbacks run after each trial. It ends when the study's shared budget is
-    spent (:mod:`autotransfer.budget`), after ``n_trials`` trials of this process
+    spent (:mod:`autotransfer.store.budget`), after ``n_trials`` trials of this process
     or after ``timeout`` seconds, whichever comes first. ``add_to_target`` (a
     resumed search): once lost trials are queued again, set the study's target
     to this many more than it has settled (None: no target; False: leave it).

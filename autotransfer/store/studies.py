@@ -10,11 +10,11 @@ from typing import Any
 import optuna
 from pydantic import ValidationError
 
-from autotransfer import __version__
-from autotransfer.budget import TARGET_ATTR, budget_lock
+from autotransfer._version import __version__
 from autotransfer.exceptions import SpecError, StorageError
-from autotransfer.spec import StudySpec
-from autotransfer.storage import open_storage, redact, require_existing
+from autotransfer.spec.model import StudySpec
+from autotransfer.store.budget import TARGET_ATTR, budget_lock
+from autotransfer.store.storage import open_storage, redact, require_existing
 
 SPEC_ATTR = "spec"
 ARTIFACTS_ATTR = "artifacts"
@@ -90,9 +90,9 @@ def _with_defaults(stored: dict[str, Any]) -> dict[str, Any]:
 
 
 def create_or_resume(spec: StudySpec, storage_url: str, artifacts: Path) -> optuna.Study:
-    """Create the study ``spec.name`` (its target total, :mod:`autotransfer.budget`:
+    """Create the study ``spec.name`` (its target total, :mod:`autotransfer.store.budget`:
     ``spec.n_trials``) or resume it if it exists (the search sets the target once
-    it has recovered lost trials: :func:`autotransfer.search.run_trials`).
+    it has recovered lost trials: :func:`autotransfer.tuning.search.run_trials`).
 
     Raises:
         SpecError: the study exists with a different spec (lists the fields).

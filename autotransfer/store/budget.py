@@ -3,7 +3,7 @@
 Optuna counts ``n_trials`` per process, and ``MaxTrialsCallback`` overshoots
 when workers run at once: each one counts, then asks, and several asks slip in
 between. Here a process *claims* before it asks: it takes a lock that every
-process on the study shares (:func:`autotransfer.database.shared_lock`: a
+process on the study shares (:func:`autotransfer.store.database.shared_lock`: a
 PostgreSQL advisory lock, or a file lock beside a SQLite file), counts the
 trials that use the budget, and asks Optuna for its trial (creating it, or
 taking a waiting one) before it lets go. The count and
@@ -37,9 +37,9 @@ import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from autotransfer.database import Lock, lockable, shared_lock
 from autotransfer.exceptions import StorageError
-from autotransfer.storage import redact
+from autotransfer.store.database import Lock, lockable, shared_lock
+from autotransfer.store.storage import redact
 
 TARGET_ATTR = "target_trials"
 RETRY_OF_ATTR = "failed_trial"  # Optuna's system attribute on a retried trial
@@ -67,7 +67,7 @@ def _slot(trial: FrozenTrial) -> int:
 
 def budget_lock(storage_url: str, study_name: str) -> Lock:
     """The lock every process on study ``study_name`` in ``storage_url`` shares
-    for its claims (:func:`autotransfer.database.shared_lock`).
+    for its claims (:func:`autotransfer.store.database.shared_lock`).
 
     Raises:
         StorageError: a database other than SQLite or PostgreSQL.

@@ -1,4 +1,4 @@
-"""Predicting with an exported model directory (:mod:`autotransfer.export`).
+"""Predicting with an exported model directory (:mod:`autotransfer.export.writer`).
 
 :func:`load` reads ``config.json`` and runs one of the exported programs:
 
@@ -12,8 +12,8 @@
 
 Neither path imports the backbone's library (timm, transformers) or rebuilds the
 model, and no ``torch.load`` or pickle is involved. Images are decoded exactly as
-for training (:func:`autotransfer.data.square_resize`) and normalised with the
-exported mean/std (:func:`autotransfer.augment.normalise`). Texts are encoded with
+for training (:func:`autotransfer.data.datasets.square_resize`) and normalised with the
+exported mean/std (:func:`autotransfer.data.augment.normalise`). Texts are encoded with
 the exported ``tokenizer/tokenizer.json`` by the ``tokenizers`` library (the ids
 the training tokenizer gives; the export checks it), truncated to the exported
 max length and padded to the longest text of each batch.
@@ -73,7 +73,7 @@ def read_config(export_dir: str | Path) -> dict[str, Any]:
     Raises:
         ExportError: the directory is missing, or is not an autotransfer export.
     """
-    from autotransfer.export import CONFIG_FILE, FORMAT, FORMAT_VERSION
+    from autotransfer.export.writer import CONFIG_FILE, FORMAT, FORMAT_VERSION
 
     root = Path(export_dir)
     if not root.exists():
@@ -177,7 +177,7 @@ class ExportedModel:
     def _load_torchscript(self, program: Path) -> Any:
         import torch
 
-        from autotransfer.export import quiet_torch
+        from autotransfer.export.writer import quiet_torch
 
         try:
             with quiet_torch():
@@ -196,8 +196,8 @@ class ExportedModel:
         import numpy as np
         import torch
 
-        from autotransfer.augment import normalise
         from autotransfer.backbones import Preprocessing
+        from autotransfer.data.augment import normalise
 
         x = torch.from_numpy(np.ascontiguousarray(images))
         if self._normalise:
@@ -268,7 +268,7 @@ class ExportedModel:
                 shown = f"<image {n}>" if _is_image(item) else f"path '{item}'"
                 raise DataError(
                     f"{shown}: this model classifies text; give texts (strings), or read "
-                    "a text file with autotransfer.predict.read_texts"
+                    "a text file with autotransfer.export.predict.read_texts"
                 )
             if not isinstance(item, str) or not item.strip():
                 raise DataError(f"input {n} is {item!r}, not a text; give non-empty strings")
@@ -312,7 +312,7 @@ def read_texts(paths: Iterable[str | Path], column: str = "text") -> list[str]:
         DataError: a missing file, an image or other binary file, a missing
             column, an unreadable line, or no texts at all.
     """
-    from autotransfer.data import IMAGE_EXTENSIONS
+    from autotransfer.data.datasets import IMAGE_EXTENSIONS
 
     texts: list[str] = []
     for item in paths:
@@ -407,7 +407,7 @@ def expand_inputs(
     Raises:
         DataError: a path does not exist, a folder has no images, or no input.
     """
-    from autotransfer.data import IMAGE_EXTENSIONS
+    from autotransfer.data.datasets import IMAGE_EXTENSIONS
 
     if isinstance(inputs, (str, Path)) or _is_image(inputs):
         inputs = [inputs]  # type: ignore[list-item]
@@ -447,7 +447,7 @@ def decode(item: Any, size: int) -> np.ndarray:
     """
     from PIL import Image, UnidentifiedImageError
 
-    from autotransfer.data import square_resize
+    from autotransfer.data.datasets import square_resize
 
     if _is_image(item):
         return square_resize(item, size)

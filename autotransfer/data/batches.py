@@ -3,7 +3,7 @@
 An image batch is a float tensor (N, 3, S, S), normalised (and augmented when
 training). A text batch is a dict ``{"input_ids", "attention_mask"}`` of int64
 tensors (N, L), padded to the longest text of the batch (not to the max length),
-from token ids computed once per tokenizer (:meth:`autotransfer.data.TextSet.encoded`).
+from token ids computed once per tokenizer (:meth:`autotransfer.data.datasets.TextSet.encoded`).
 Callers use :func:`forward` and :func:`take` and never look inside a batch.
 """
 
@@ -14,10 +14,10 @@ import dataclasses
 import torch
 from torch import nn
 
-from autotransfer.augment import augment, normalise
 from autotransfer.backbones import Backbone, TextPreprocessing
-from autotransfer.data import Dataset, TextSet
-from autotransfer.spec import AugmentSpec, DataSpec
+from autotransfer.data.augment import augment, normalise
+from autotransfer.data.datasets import Dataset, TextSet
+from autotransfer.spec.model import AugmentSpec, DataSpec
 
 Batch = torch.Tensor | dict[str, torch.Tensor]
 

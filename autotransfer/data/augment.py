@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from autotransfer.backbones import Preprocessing
-from autotransfer.spec import AugmentSpec
+from autotransfer.spec.model import AugmentSpec
 
 
 def normalise(images: torch.Tensor, pre: Preprocessing) -> torch.Tensor:

@@ -19,9 +19,9 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from autotransfer import __version__
-from autotransfer.study import SPEC_ATTR, test_metrics
-from autotransfer.summary import best_per_backbone, trial_records
+from autotransfer._version import __version__
+from autotransfer.store.studies import SPEC_ATTR, test_metrics
+from autotransfer.store.summary import best_per_backbone, trial_records
 
 # Parameters shown in the parallel-coordinates plot, in this order, when searched.
 PARALLEL_PARAMS = ("backbone", "freeze", "lr", "alpha")

@@ -23,8 +23,8 @@ from safetensors.torch import load_file, save_file
 
 from autotransfer.backbones import Backbone, Preprocessing, TextPreprocessing
 from autotransfer.exceptions import StorageError
-from autotransfer.plugins import PluginHost
-from autotransfer.spec import BackboneRef
+from autotransfer.plugins.host import PluginHost
+from autotransfer.spec.model import BackboneRef
 
 CHECKPOINT_ATTR = "checkpoint"
 PREPROCESSING_ATTR = "preprocessing"

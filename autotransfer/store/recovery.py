@@ -1,7 +1,7 @@
 """Trials of lost or interrupted workers: fail them, and queue them again.
 
 A writer opens the storage with Optuna heartbeats (:func:`storage.open_storage`
-with a :class:`~autotransfer.spec.RecoverySpec`): while a trial runs, a thread
+with a :class:`~autotransfer.spec.model.RecoverySpec`): while a trial runs, a thread
 records its heartbeat every ``heartbeat_interval`` seconds. A trial whose
 heartbeat is older than ``grace_period`` belongs to a worker that died
 (SIGKILL, a lost machine). :func:`recover_lost_trials` fails such trials, with
@@ -22,7 +22,7 @@ twice. Optuna's retry callback skips interrupted trials; interruptions do not
 count against ``max_retry``.
 
 The queued copy carries the trial's last epoch state (``resume_state``, see
-:mod:`autotransfer.resume`), so it continues from there.
+:mod:`autotransfer.store.resume`), so it continues from there.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
-from autotransfer.resume import CARRIED_ATTRS, RESUME_STATE_ATTR, drop_artifact
-from autotransfer.spec import RecoverySpec
+from autotransfer.spec.model import RecoverySpec
+from autotransfer.store.resume import CARRIED_ATTRS, RESUME_STATE_ATTR, drop_artifact
 
 WORKER_ATTR = "worker"
 RETRY_OF_ATTR = "retry_of"  # this trial re-runs the trial with this number
@@ -118,7 +118,7 @@ def requeue_interrupted(trial: optuna.Trial, signame: str) -> None:
     trial.set_user_attr(INTERRUPTED_ATTR, signame)
     frozen = trial.study._storage.get_trial(trial._trial_id)
     keep = {k: v for k, v in frozen.system_attrs.items() if k in ("failed_trial", "retry_history")}
-    # The copy stands in for the trial in the study's budget (autotransfer.budget).
+    # The copy stands in for the trial in the study's budget (autotransfer.store.budget).
     keep.setdefault("failed_trial", frozen.number)
     _queue_copy(trial.study, frozen, copy.deepcopy(keep))
     trial.set_user_attr(REQUEUED_ATTR, True)
@@ -242,7 +242,7 @@ def recover_lost_trials(
 def writer_study(study: optuna.Study, recovery: RecoverySpec) -> optuna.Study:
     """``study``, opened with heartbeats as ``recovery`` says (a worker loads the
     study to read its spec before it knows them): reopened if need be."""
-    from autotransfer.storage import open_storage
+    from autotransfer.store.storage import open_storage
 
     backend = getattr(study._storage, "_backend", study._storage)
     if (

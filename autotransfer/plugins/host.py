@@ -27,7 +27,7 @@ import pluggy
 from autotransfer import hookspecs
 from autotransfer.backbones import Backbone, BackboneFamily
 from autotransfer.exceptions import BackboneError, PluginError
-from autotransfer.spec import BackboneRef
+from autotransfer.spec.model import BackboneRef
 
 ENTRY_POINT_GROUP = "autotransfer"
 DISABLE_AUTOLOAD_ENV = "AUTOTRANSFER_DISABLE_PLUGIN_AUTOLOAD"

@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, BinaryIO
 import optuna
 from optuna.artifacts import FileSystemArtifactStore
 
-from autotransfer.database import retry_connects, shared_lock
 from autotransfer.exceptions import StorageError
+from autotransfer.store.database import retry_connects, shared_lock
 
 if TYPE_CHECKING:
-    from autotransfer.spec import RecoverySpec
+    from autotransfer.spec.model import RecoverySpec
 
 DEFAULT_STORAGE = "sqlite:///autotransfer.db"
 ARTIFACTS_DIRNAME = "autotransfer-artifacts"
@@ -54,7 +54,7 @@ def open_storage(url: str, recovery: RecoverySpec | None = None) -> optuna.stora
     Writers (``search``, workers) pass ``recovery``: each running trial then
     records a heartbeat every ``recovery.heartbeat_interval`` seconds, and a
     trial whose heartbeat is older than ``recovery.grace_period`` is failed and
-    retried (see :mod:`autotransfer.recovery`). Readers pass nothing.
+    retried (see :mod:`autotransfer.store.recovery`). Readers pass nothing.
 
     Raises:
         StorageError: the URL is malformed, names an unknown database or a
@@ -150,7 +150,7 @@ def require_existing(url: str) -> None:
 def _heartbeat_kwargs(recovery: RecoverySpec | None) -> dict[str, object]:
     if recovery is None:
         return {}
-    from autotransfer.recovery import RetryStaleTrial
+    from autotransfer.store.recovery import RetryStaleTrial
 
     return {
         "heartbeat_interval": recovery.heartbeat_interval,

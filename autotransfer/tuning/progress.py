@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from autotransfer.training import EpochResult, TrialParams
+from autotransfer.engine.trainer import EpochResult, TrialParams
 
 
 class Progress:

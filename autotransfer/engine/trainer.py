@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from autotransfer.backbones import Backbone
-from autotransfer.batches import Batch, forward, make_batch, take
-from autotransfer.data import Dataset, ImageSet, Splits
+from autotransfer.backbones.freeze import freeze, freeze_depth, train_mode
+from autotransfer.data.batches import Batch, forward, make_batch, take
+from autotransfer.data.datasets import Dataset, ImageSet, Splits
+from autotransfer.engine.retention import make_retention
 from autotransfer.exceptions import AutotransferError
-from autotransfer.freeze import freeze, freeze_depth, train_mode
-from autotransfer.retention import make_retention
-from autotransfer.spec import StudySpec
+from autotransfer.spec.model import StudySpec
 
 
 class TrialError(AutotransferError):

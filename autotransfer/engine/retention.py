@@ -4,7 +4,7 @@
   pretrained values (L2-SP). No extra forward pass.
 - ``distill``: mean squared distance between the student's pooled features and
   those of the frozen pretrained model on the same batch (LwF / DELTA style);
-  a batch of images or of texts (:mod:`autotransfer.batches`).
+  a batch of images or of texts (:mod:`autotransfer.data.batches`).
 - ``source``: cross-entropy on batches of a source data set through a source
   head (the original head when the source has as many classes, else a new one).
   Images only: the spec refuses it for text data.
@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autotransfer.augment import normalise
 from autotransfer.backbones import Backbone
-from autotransfer.batches import Batch
-from autotransfer.data import ImageSet
+from autotransfer.data.augment import normalise
+from autotransfer.data.batches import Batch
+from autotransfer.data.datasets import ImageSet
 
 
 class Retention:

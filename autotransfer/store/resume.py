@@ -6,7 +6,7 @@ weights, reference loss, micro-batch size, reported values) is written to the
 study's artifact store, the one place every worker can reach, and its id is
 recorded in the trial's user attribute ``resume_state`` (``resume_epoch``: the
 epoch it holds). The state it replaces is deleted, so one state per running
-trial is kept. A trial queued again after a fault (see :mod:`autotransfer.recovery`)
+trial is kept. A trial queued again after a fault (see :mod:`autotransfer.store.recovery`)
 inherits these attributes and continues at the next epoch.
 
 When the trial ends (complete, pruned, failed) its state is deleted; its best
@@ -40,7 +40,7 @@ CARRIED_ATTRS = (RESUME_STATE_ATTR, RESUME_EPOCH_ATTR)
 def save_epoch_state(trial: optuna.Trial, state: dict[str, Any], store: ArtifactStore) -> str:
     """Write ``state`` (a :meth:`Trainer.state_dict`) as the trial's resumable
     state, then delete the state it replaces; returns the new artifact id."""
-    from autotransfer.checkpoints import check_artifact_id
+    from autotransfer.store.checkpoints import check_artifact_id
 
     artifact_id = f"resume-{uuid.uuid4()}"
     with tempfile.TemporaryDirectory(prefix="autotransfer-resume-") as tmp:
@@ -65,7 +65,7 @@ def save_epoch_state(trial: optuna.Trial, state: dict[str, Any], store: Artifact
 def load_epoch_state(trial: optuna.Trial, store: ArtifactStore) -> dict[str, Any] | None:
     """The resumable state the trial inherited (it re-runs an interrupted or
     lost trial), or None: none recorded, or gone from the store."""
-    from autotransfer.checkpoints import check_artifact_id
+    from autotransfer.store.checkpoints import check_artifact_id
 
     artifact_id = trial.user_attrs.get(RESUME_STATE_ATTR)
     if not artifact_id:
@@ -80,7 +80,7 @@ def load_epoch_state(trial: optuna.Trial, store: ArtifactStore) -> dict[str, Any
 
 def drop_artifact(store: ArtifactStore, artifact_id: Any) -> None:
     """Delete an artifact if it is there (a well-formed id only)."""
-    from autotransfer.checkpoints import ARTIFACT_ID
+    from autotransfer.store.checkpoints import ARTIFACT_ID
 
     if isinstance(artifact_id, str) and ARTIFACT_ID.fullmatch(artifact_id):
         try:

@@ -1,7 +1,7 @@
 """Exporting a finished trial as a self-contained, ready-to-serve model directory.
 
 The model is rebuilt from the trial's own checkpoint (never retrained) through the
-same build path the trial used (:func:`autotransfer.checkpoints.load_trial_backbone`)
+same build path the trial used (:func:`autotransfer.store.checkpoints.load_trial_backbone`)
 and written as::
 
     OUT_DIR/
@@ -41,10 +41,10 @@ from typing import Any
 
 import optuna
 
-from autotransfer import __version__
+from autotransfer._version import __version__
 from autotransfer.exceptions import AutotransferError, DataError, ExportError, StorageError
-from autotransfer.spec import StudySpec
-from autotransfer.study import ARTIFACTS_ATTR, CLASSES_ATTR, stored_spec, test_metrics
+from autotransfer.spec.model import StudySpec
+from autotransfer.store.studies import ARTIFACTS_ATTR, CLASSES_ATTR, stored_spec, test_metrics
 
 FORMAT = "autotransfer-export"
 FORMAT_VERSION = 1
@@ -64,7 +64,7 @@ VERIFY_TEXTS = (
     "and on a batch size other than the traced one",
 )
 ONNX_OPSET = 17
-TRAINING_INTERPOLATION = "bilinear"  # autotransfer.data.square_resize
+TRAINING_INTERPOLATION = "bilinear"  # autotransfer.data.datasets.square_resize
 PARITY_TOLERANCE = 1e-3  # an export whose programs differ more than this is refused
 
 
@@ -174,9 +174,9 @@ def export_trial(
     """
     import torch
 
-    from autotransfer.checkpoints import load_trial_backbone
-    from autotransfer.plugins import get_plugin_host
-    from autotransfer.storage import artifact_store
+    from autotransfer.plugins.host import get_plugin_host
+    from autotransfer.store.checkpoints import load_trial_backbone
+    from autotransfer.store.storage import artifact_store
 
     say = message or (lambda _msg: None)
     out_dir = Path(out_dir)
@@ -242,7 +242,7 @@ def _classes_and_test(
 ) -> tuple[list[str], dict[str, float] | None]:
     """Class names (stored at search time, else re-read from the data set) and the
     trial's test metrics (computed once and stored, when the data can be read)."""
-    from autotransfer.search import evaluate_best_on_test, prepare_data
+    from autotransfer.tuning.search import evaluate_best_on_test, prepare_data
 
     classes = study.user_attrs.get(CLASSES_ATTR)
     test = test_metrics(study).get(str(trial.number))
@@ -300,7 +300,7 @@ def quiet_torch() -> Iterator[None]:
 
 def text_inputs(pre: Any, texts: Any) -> tuple[Any, Any]:
     """``(input_ids, attention_mask)`` of ``texts`` padded to the longest, as in training."""
-    from autotransfer.batches import pad
+    from autotransfer.data.batches import pad
 
     batch = pad(pre.encode(list(texts)), pre.pad_token_id)
     return batch["input_ids"], batch["attention_mask"]
@@ -383,11 +383,11 @@ def encode_plain(
     export_dir: Path, max_length: int, pad_id: int, texts: Any
 ) -> tuple[Any, Any]:
     """Encode ``texts`` with ``tokenizer/tokenizer.json`` and the ``tokenizers``
-    library only, as :mod:`autotransfer.predict` (and a user without
+    library only, as :mod:`autotransfer.export.predict` (and a user without
     transformers) does. Returns int64 arrays."""
     from tokenizers import Tokenizer
 
-    from autotransfer.predict import encode_texts
+    from autotransfer.export.predict import encode_texts
 
     tokenizer = Tokenizer.from_file(str(export_dir / TOKENIZER_FILE))
     return encode_texts(tokenizer, texts, max_length, pad_id)

@@ -1,0 +1,1 @@
+"""Data sets, stratified splits, batches and batch augmentation."""

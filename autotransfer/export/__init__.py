@@ -1,0 +1,1 @@
+"""Exported models: the format shared by the writer and predict, writing, verifying, loading."""

@@ -1,0 +1,1 @@
+"""Where studies live: storage, budget, recovery, resume state, checkpoints, trial records."""

@@ -1,0 +1,1 @@
+"""The search: objective, search loop, workers, watchdog, interrupts, progress."""
