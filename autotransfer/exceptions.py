@@ -42,7 +42,15 @@ class ExportError(UserInputError):
 
 
 class PluginError(AutotransferError):
-    """A plugin is broken: it clashes with another or raised while loading."""
+    """The plugins cannot start: the built-in ones are missing, or two plugins
+    provide one family name."""
+
+
+class BrokenPluginError(BackboneError):
+    """A backbone family was asked for whose plugin is broken: it failed to
+    import or to register, or a hook or family method returned the wrong kind
+    of value. Using it is bad input (exit code 2): the message names the plugin
+    and what to do (fix, upgrade, uninstall or deny it)."""
 
 
 class NoSuccessfulTrialsError(AutotransferError):

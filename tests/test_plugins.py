@@ -199,6 +199,7 @@ def test_plugin_that_fails_to_import_is_reported_and_others_work(broken_dist, mo
     info = {p.name: p for p in host.plugins}[broken_dist]
     assert info.distribution == "autotransfer-broken" and info.version == "0.3"
     assert info.error and "ModuleNotFoundError" in info.error and not info.hooks
+    assert (info.status, info.hook) == ("broken", "import")
     assert BUILTINS <= set(host.families)
     host.build(_ref("timm:test_resnet@none"), num_classes=2, image_size=32)
 
@@ -206,7 +207,8 @@ def test_plugin_that_fails_to_import_is_reported_and_others_work(broken_dist, mo
     result = runner.invoke(app, ["plugins"])
     assert result.exit_code == 0
     assert "broken" in result.stdout and "ModuleNotFoundError" in result.stdout
-    assert "plugin 'broken' (autotransfer-broken) failed to load" in result.stderr
+    assert "plugin 'broken' (autotransfer-broken 0.3) is broken and not in use: import: " \
+        "ModuleNotFoundError" in result.stderr
 
 
 def _ref(text: str):

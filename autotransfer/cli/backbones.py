@@ -34,17 +34,16 @@ def backbones(
     from rich.console import Console
     from rich.table import Table
 
-    from autotransfer.exceptions import BackboneError
+    from autotransfer.exceptions import BackboneError, BrokenPluginError
     from autotransfer.plugins.host import get_plugin_host
 
     host = get_plugin_host()
-    infos = {p.name: p for p in host.plugins}
     names = [host.family(family).name] if family is not None else sorted(host.families)
 
     def meta(name: str) -> dict[str, object]:
         fam = host.families[name]
         plugin = host.family_plugins[name]
-        info = infos.get(plugin)
+        info = host.info(plugin)
         return {
             "family": name,
             "modality": fam.modality,
@@ -54,18 +53,31 @@ def backbones(
             "weights": list(fam.weights_sources),
         }
 
+    def listed(name: str, pattern: str | None) -> list[str] | None:
+        """The family's models; with several families, a broken one is skipped
+        with a warning (one family asked for by name: its error, exit 2)."""
+        if family is not None:
+            return host.list_models(name, pattern)
+        try:
+            return host.list_models(name, pattern)
+        except BrokenPluginError as exc:
+            typer.echo(f"warning: {exc}", err=True)
+            return None
+
+    rows = []
     if family is None and filter_ is None:
-        rows = []
         for name in names:
-            models = host.families[name].list_models()
-            rows.append({**meta(name), "models": len(models)})
+            about = meta(name)  # before listing: a broken family is dropped
+            models = listed(name, None)
+            if models is not None:
+                rows.append({**about, "models": len(models)})
         columns = ["family", "modality", "models", "weights", "plugin", "distribution", "version"]
         title = "backbone families (list models with --family F or --filter GLOB)"
     else:
-        rows = []
         for name in names:
-            for model in host.families[name].list_models(filter_):
-                rows.append({"name": f"{name}:{model}", **meta(name)})
+            about = meta(name)
+            for model in listed(name, filter_) or []:
+                rows.append({"name": f"{name}:{model}", **about})
         if not rows and family is not None and filter_ is None:
             raise BackboneError(
                 f"family '{family}' has no model list: name models as {family}:<id> "

@@ -1,0 +1,272 @@
+"""Broken plugins never take the command line down.
+
+Each kind of broken plugin (raising or wrong-typed registration, a ``build()``
+that returns a bare module, a raising ``list_models``) is installed beside a good
+one through the host's test seam (fake entry points, no pip): the host
+quarantines it, ``autotransfer plugins`` lists it with its hook and reason, every
+other command keeps working with the good family, and using the broken one is
+exit code 2 naming the plugin and the fix.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import types
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+import autotransfer.plugins.host as host_module
+from autotransfer.backbones import Backbone, BackboneFamily, Preprocessing
+from autotransfer.cli import app
+from autotransfer.exceptions import BackboneError, BrokenPluginError
+from autotransfer.hookspecs import hookimpl
+from autotransfer.plugins.host import DENY_ENV, DISABLE_AUTOLOAD_ENV, PluginHost
+from autotransfer.spec.model import BackboneRef
+
+runner = CliRunner()
+
+
+# -- a good family and broken ones ----------------------------------------------------
+
+
+class TinyNet(nn.Module):
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.stem(x)).flatten(1))
+
+
+def _features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model.pool(model.stem(x)).flatten(1)
+
+
+def _classify(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    return model.fc(features)
+
+
+class GoodFamily(BackboneFamily):
+    name = "good"
+    weights_sources = ("none",)
+
+    def list_models(self, pattern: str | None = None) -> list[str]:
+        return [m for m in ["net"] if pattern is None or fnmatch.fnmatch(m, pattern)]
+
+    def build(self, model: str, *, weights: str, num_classes: int, image_size: int) -> Backbone:
+        net = TinyNet(num_classes)
+        return Backbone(
+            name=f"{self.name}:{model}", weights=weights, model=net,
+            blocks=[["stem.0.weight", "stem.0.bias"]], head=["fc.weight", "fc.bias"],
+            features=_features, classify=_classify, num_features=4,
+            preprocessing=Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+        )
+
+
+class BareModuleFamily(GoodFamily):
+    name = "bare"
+
+    def build(self, model: str, *, weights: str, num_classes: int, image_size: int) -> Backbone:
+        return TinyNet(num_classes)  # type: ignore[return-value]  # the bug under test
+
+
+class RaisingListFamily(GoodFamily):
+    name = "badlist"
+
+    def list_models(self, pattern: str | None = None) -> list[str]:
+        raise RuntimeError("model index unreachable")
+
+
+class CrashingNet(TinyNet):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            raise RuntimeError("kaboom in forward")
+        return super().forward(x)
+
+
+class CrashingFamily(GoodFamily):
+    """Builds fine, raises inside a trial (a plugin bug at training time)."""
+
+    name = "crash"
+
+    def build(self, model: str, *, weights: str, num_classes: int, image_size: int) -> Backbone:
+        backbone = super().build(model, weights=weights, num_classes=num_classes,
+                                 image_size=image_size)
+        backbone.model = CrashingNet(num_classes)
+        return backbone
+
+
+def _module(name: str, register: Callable[[], object]) -> types.ModuleType:
+    module = types.ModuleType(f"fake_{name}")
+
+    @hookimpl
+    def autotransfer_register_backbone_families():  # type: ignore[no-untyped-def]
+        return register()
+
+    module.autotransfer_register_backbone_families = autotransfer_register_backbone_families
+    return module
+
+
+def _raise() -> object:
+    raise RuntimeError("registration exploded")
+
+
+BROKEN = {
+    # plugin name: (module, hook it breaks in, words of the reason)
+    "raises": (_module("raises", _raise), "autotransfer_register_backbone_families",
+               "raised RuntimeError: registration exploded"),
+    "instance": (_module("instance", lambda: [BareModuleFamily()]),
+                 "autotransfer_register_backbone_families",
+                 "returned an instance of BareModuleFamily, not the class"),
+    "notfamily": (_module("notfamily", lambda: [nn.Linear]),
+                  "autotransfer_register_backbone_families",
+                  "not a subclass of autotransfer.backbones.BackboneFamily"),
+    "bare": (_module("bare", lambda: [BareModuleFamily]), "build",
+             "expected autotransfer.backbones.Backbone"),
+    "badlist": (_module("badlist", lambda: [RaisingListFamily]), "list_models",
+                "raised RuntimeError: model index unreachable"),
+}
+
+
+class _Dist:
+    def __init__(self, name: str) -> None:
+        self.name, self.version = name, "1.0"
+
+
+class _EntryPoint:
+    def __init__(self, name: str, module: types.ModuleType) -> None:
+        self.name, self.dist, self.module = name, _Dist(f"plugin-{name}"), module
+
+    def load(self) -> types.ModuleType:
+        return self.module
+
+
+@pytest.fixture
+def installed(monkeypatch) -> Iterator[Callable[..., PluginHost]]:
+    """``installed(*names)``: the good plugin and the named broken ones are the
+    installed third-party entry points; the process-wide host is reloaded."""
+    real = list(host_module.entry_points(group=host_module.ENTRY_POINT_GROUP))
+    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV, raising=False)
+
+    def install(*names: str, extra: tuple[_EntryPoint, ...] = ()) -> PluginHost:
+        fakes = [_EntryPoint("good", _module("good", lambda: [GoodFamily])), *extra]
+        fakes += [_EntryPoint(n, BROKEN[n][0]) for n in names]
+        monkeypatch.setattr(host_module, "entry_points", lambda group: [*real, *fakes])
+        host_module.get_plugin_host.cache_clear()
+        return host_module.get_plugin_host()
+
+    yield install
+    host_module.get_plugin_host.cache_clear()
+
+
+def _plugins_json() -> dict[str, dict]:
+    result = runner.invoke(app, ["plugins", "--json"])
+    assert result.exit_code == 0, result.output
+    return {r["name"]: r for r in json.loads(result.stdout)}
+
+
+# -- each kind, beside a good plugin -----------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN))
+def test_broken_plugin_is_quarantined_and_the_others_work(installed, name) -> None:
+    module, hook, reason = BROKEN[name]
+    host = installed(name)
+    assert "good" in host.families and {"timm", "torchvision", "hf"} <= set(host.families)
+    host.build(BackboneRef.parse("good:net@none"), num_classes=2, image_size=16)
+
+    listing = runner.invoke(app, ["backbones", "--json"])
+    assert listing.exit_code == 0, listing.output
+    assert "good" in {r["family"] for r in json.loads(listing.stdout)}
+
+    if name == "bare":  # only building shows it: the search's check before any trial
+        assert host.info(name).status == "loaded"
+        with pytest.raises(BrokenPluginError) as err:
+            host.build(BackboneRef.parse("bare:net@none"), num_classes=2, image_size=16)
+        message = str(err.value)
+    else:
+        family = {"instance": "bare", "badlist": "badlist"}.get(name, name)
+        used = runner.invoke(app, ["backbones", "--family", family])
+        assert used.exit_code == 2, used.output
+        message = used.stderr
+        assert "\n" not in message.strip() and "Traceback" not in message
+
+    info = _plugins_json()[name]
+    assert (info["status"], info["hook"], info["distribution"]) == ("broken", hook,
+                                                                    f"plugin-{name}")
+    assert reason in info["error"] and "\n" not in info["error"]
+    assert f"plugin '{name}'" in message
+    if name in ("raises", "notfamily"):  # the family name is unknown: point at the list
+        assert "(broken), see `autotransfer plugins`" in message
+    else:
+        assert reason in message
+        assert f"pip uninstall plugin-{name}" in message and f"{DENY_ENV}={name}" in message
+    table = runner.invoke(app, ["plugins"])
+    assert table.exit_code == 0 and "broken" in table.stdout
+    assert f"plugin '{name}' (plugin-{name} 1.0) is broken and not in use" in table.stderr
+
+
+def test_every_command_works_beside_all_broken_plugins(
+    installed, write_spec, storage_url, tmp_path
+) -> None:
+    installed(*BROKEN)
+    for args in (["plugins"], ["backbones"], ["backbones", "--filter", "n*"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, (args, result.output)
+    spec = write_spec(**{"search.backbones": ["good:net@none"], "n_trials": 1,
+                         "train.epochs": 1})
+    done = runner.invoke(app, ["search", str(spec), "--storage", storage_url, "--json"])
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["best_params"]["backbone"] == "good:net@none"
+
+    for backbone, words in (
+        ("bare:net@none", "returned test_broken_plugins.TinyNet, expected "
+                          "autotransfer.backbones.Backbone"),
+        ("good:net@pretrained", "family 'good' has no 'pretrained' weights (its sources: none"),
+    ):
+        spec = write_spec(**{"search.backbones": [backbone]})
+        bad = runner.invoke(app, ["search", str(spec), "--storage", storage_url])
+        assert bad.exit_code == 2, bad.output
+        assert words in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+def test_declared_weights_sources_are_enforced_before_build(installed) -> None:
+    built = []
+
+    class Spy(GoodFamily):
+        name = "spy"
+
+        def build(self, model, *, weights, num_classes, image_size):  # type: ignore[no-untyped-def]
+            built.append(weights)
+            return super().build(model, weights=weights, num_classes=num_classes,
+                                 image_size=image_size)
+
+    host = installed(extra=(_EntryPoint("spy", _module("spy", lambda: [Spy])),))
+    for weights in ("pretrained", "packaged"):
+        with pytest.raises(BackboneError, match=f"no '{weights}' weights"):
+            host.build(BackboneRef.parse(f"spy:net@{weights}"), num_classes=2, image_size=16)
+    assert built == []  # never reached the family
+    host.build(BackboneRef.parse("spy:net@none"), num_classes=2, image_size=16)
+    host.build(BackboneRef.parse("spy:net@/some/local/weights.pt"), num_classes=2, image_size=16)
+    assert built == ["none", "/some/local/weights.pt"]  # a path is the family's to check
+
+
+def test_denied_plugin_is_reported_as_denied(installed, monkeypatch) -> None:
+    monkeypatch.setenv(DENY_ENV, "good")
+    host = installed()
+    assert "good" not in host.families
+    info = _plugins_json()["good"]
+    assert (info["status"], info["hook"]) == ("denied", None)
+    assert info["error"] == f"not loaded: denied by {DENY_ENV}"
+    table = runner.invoke(app, ["plugins"])
+    assert table.exit_code == 0 and "denied" in table.stdout
+    assert "broken" not in table.stderr and "failed" not in table.stderr
+    used = runner.invoke(app, ["backbones", "--family", "good"])
+    assert used.exit_code == 2 and "plugin 'good' (denied)" in used.stderr
