@@ -73,7 +73,7 @@ def _p95(values: list[float]) -> float:
 def run(url: str, backend: str, n_workers: int, n_trials: int) -> dict[str, object]:
     import optuna
 
-    from autotransfer.store.budget import TARGET_ATTR
+    from autotransfer.store.records import TARGET_ATTR
     from autotransfer.store.storage import open_storage
 
     name = f"bench-{backend}-{n_workers}"

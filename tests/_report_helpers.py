@@ -20,8 +20,8 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
 from autotransfer.spec.model import load_spec
+from autotransfer.store.records import SPEC_ATTR, TEST_METRICS_ATTR
 from autotransfer.store.storage import open_storage
-from autotransfer.store.studies import SPEC_ATTR, TEST_METRICS_ATTR
 
 BACKBONES = ["timm:tf_efficientnet_lite0@packaged", "timm:resnet18@pretrained"]
 N_BLOCKS = {BACKBONES[0]: 17, BACKBONES[1]: 6}

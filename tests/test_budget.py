@@ -15,13 +15,8 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from autotransfer.exceptions import StorageError
-from autotransfer.store.budget import (
-    TARGET_ATTR,
-    BudgetedStudy,
-    BudgetSpent,
-    budget_lock,
-    used_slots,
-)
+from autotransfer.store.budget import BudgetedStudy, BudgetSpent, budget_lock, used_slots
+from autotransfer.store.records import TARGET_ATTR
 from autotransfer.store.storage import open_storage
 
 TESTS = Path(__file__).resolve().parent

@@ -24,8 +24,8 @@ from autotransfer.exceptions import ExportError, StorageError
 from autotransfer.export.writer import check_target, export_trial
 from autotransfer.plugins.host import get_plugin_host
 from autotransfer.store.checkpoints import load_trial_backbone
+from autotransfer.store.records import ARTIFACTS_ATTR, CLASSES_ATTR
 from autotransfer.store.storage import artifact_store
-from autotransfer.store.studies import ARTIFACTS_ATTR, CLASSES_ATTR
 
 runner = CliRunner()
 

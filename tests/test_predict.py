@@ -22,8 +22,8 @@ from autotransfer.data.datasets import load_dataset
 from autotransfer.exceptions import DataError, ExportError
 from autotransfer.plugins.host import get_plugin_host
 from autotransfer.store.checkpoints import load_trial_backbone
+from autotransfer.store.records import ARTIFACTS_ATTR
 from autotransfer.store.storage import artifact_store
-from autotransfer.store.studies import ARTIFACTS_ATTR
 
 runner = CliRunner()
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")

@@ -13,7 +13,7 @@ from _scale_helpers import assert_exact_study, finish, start_search_and_workers
 from typer.testing import CliRunner
 
 from autotransfer.cli import app
-from autotransfer.store.recovery import WORKER_ATTR
+from autotransfer.store.records import WORKER_ATTR
 from autotransfer.tuning.progress import Progress
 from autotransfer.tuning.worker import run_worker
 

@@ -391,7 +391,8 @@ def test_a_study_saved_before_the_text_fields_existed_resumes(
 ) -> None:
     """A spec stored without data.text_column/label_column/max_length (saved by an
     older autotransfer) resumes: missing fields count as their defaults."""
-    from autotransfer.store.studies import SPEC_ATTR, create_or_resume
+    from autotransfer.store.records import SPEC_ATTR
+    from autotransfer.store.studies import create_or_resume
 
     spec = tiny_spec()
     storage = f"sqlite:///{tmp_path / 'db.sqlite'}"

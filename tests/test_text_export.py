@@ -28,8 +28,8 @@ from autotransfer.data.batches import pad
 from autotransfer.exceptions import DataError
 from autotransfer.plugins.host import get_plugin_host
 from autotransfer.store.checkpoints import load_trial_backbone
+from autotransfer.store.records import ARTIFACTS_ATTR
 from autotransfer.store.storage import artifact_store
-from autotransfer.store.studies import ARTIFACTS_ATTR
 
 pytest.importorskip("transformers")
 runner = CliRunner()

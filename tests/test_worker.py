@@ -9,7 +9,7 @@ import optuna
 from typer.testing import CliRunner
 
 from autotransfer.cli import app
-from autotransfer.store.budget import TARGET_ATTR
+from autotransfer.store.records import TARGET_ATTR
 
 runner = CliRunner()
 

@@ -8,6 +8,7 @@ import sys
 import optuna
 from rich.console import Console
 
+from autotransfer.store.records import FROZEN_BLOCKS_ATTR, N_BLOCKS_ATTR, VAL_F1_ATTR
 from autotransfer.store.studies import test_metrics
 from autotransfer.store.summary import best_per_backbone, trial_records, trials_table
 from autotransfer.tuning.search import SearchOutcome
@@ -45,7 +46,7 @@ def print_search_outcome(outcome: SearchOutcome, as_json: bool) -> None:
             "best_trial": best.number,
             "best_params": best.params,
             "val_accuracy": best.value,
-            "val_f1": best.user_attrs.get("val_f1"),
+            "val_f1": best.user_attrs.get(VAL_F1_ATTR),
             "test": outcome.test,
             "best_val_accuracy_per_backbone": per_backbone,
             "trials": rows,
@@ -55,13 +56,13 @@ def print_search_outcome(outcome: SearchOutcome, as_json: bool) -> None:
     console = _stdout()
     console.print(trials_table(rows, best.number, title=f"study {study.study_name}"))
     p = best.params
-    k, n = best.user_attrs.get("frozen_blocks"), best.user_attrs.get("n_blocks")
+    k, n = best.user_attrs.get(FROZEN_BLOCKS_ATTR), best.user_attrs.get(N_BLOCKS_ATTR)
     console.print(
         f"best: trial {best.number}  {p['backbone']}  freeze {k}/{n}  lr {p['lr']:.2e}  "
         f"α {p['alpha']:.2f}  batch {p['batch_size']}"
     )
     console.print(
-        f"  val_acc {best.value:.3f}  val_f1 {best.user_attrs.get('val_f1', float('nan')):.3f}  "
+        f"  val_acc {best.value:.3f}  val_f1 {best.user_attrs.get(VAL_F1_ATTR, float('nan')):.3f}  "
         f"test_acc {outcome.test['accuracy']:.3f}  test_f1 {outcome.test['macro_f1']:.3f}  "
         f"(test n={outcome.test['n']})"
     )

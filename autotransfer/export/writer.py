@@ -44,7 +44,15 @@ import optuna
 from autotransfer._version import __version__
 from autotransfer.exceptions import AutotransferError, DataError, ExportError, StorageError
 from autotransfer.spec.model import StudySpec
-from autotransfer.store.studies import ARTIFACTS_ATTR, CLASSES_ATTR, stored_spec, test_metrics
+from autotransfer.store.records import (
+    ARTIFACTS_ATTR,
+    BEST_EPOCH_ATTR,
+    CLASSES_ATTR,
+    FROZEN_BLOCKS_ATTR,
+    N_BLOCKS_ATTR,
+    VAL_F1_ATTR,
+)
+from autotransfer.store.studies import stored_spec, test_metrics
 
 FORMAT = "autotransfer-export"
 FORMAT_VERSION = 1
@@ -507,14 +515,14 @@ def build_config(
         "trial": {
             "number": trial.number,
             "params": dict(trial.params),
-            "frozen_blocks": attrs.get("frozen_blocks"),
-            "n_blocks": attrs.get("n_blocks"),
-            "best_epoch": attrs.get("best_epoch"),
+            "frozen_blocks": attrs.get(FROZEN_BLOCKS_ATTR),
+            "n_blocks": attrs.get(N_BLOCKS_ATTR),
+            "best_epoch": attrs.get(BEST_EPOCH_ATTR),
             "epochs": spec.train.epochs,
             "retention": spec.retention,
         },
         "metrics": {
-            "val": {"accuracy": trial.value, "macro_f1": attrs.get("val_f1")},
+            "val": {"accuracy": trial.value, "macro_f1": attrs.get(VAL_F1_ATTR)},
             "test": test,
         },
         "data": fields["data"],

@@ -20,7 +20,19 @@ import optuna
 from optuna.trial import TrialState
 
 from autotransfer._version import __version__
-from autotransfer.store.studies import SPEC_ATTR, test_metrics
+from autotransfer.store.records import (
+    BEST_EPOCH_ATTR,
+    EPOCHS_RUN_ATTR,
+    FAIL_REASON_ATTR,
+    FROZEN_BLOCKS_ATTR,
+    N_BLOCKS_ATTR,
+    PRUNED_AT_EPOCH_ATTR,
+    SECONDS_ATTR,
+    SPEC_ATTR,
+    VAL_ACCURACY_ATTR,
+    VAL_F1_ATTR,
+)
+from autotransfer.store.studies import test_metrics
 from autotransfer.store.summary import best_per_backbone, trial_records
 
 # Parameters shown in the parallel-coordinates plot, in this order, when searched.
@@ -122,16 +134,16 @@ def _summary(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> str
     best_rows = [
         ("best trial", f"#{best.number}"),
         ("val accuracy", _num(best.value, ".4f")),
-        ("val macro F1", _num(a.get("val_f1"), ".4f")),
+        ("val macro F1", _num(a.get(VAL_F1_ATTR), ".4f")),
         ("backbone", p.get("backbone")),
-        ("freeze", f"{a.get('frozen_blocks')}/{a.get('n_blocks')} blocks "
+        ("freeze", f"{a.get(FROZEN_BLOCKS_ATTR)}/{a.get(N_BLOCKS_ATTR)} blocks "
                    f"(fraction {_num(p.get('freeze'), '.2f')})"
-         if a.get("frozen_blocks") is not None else _num(p.get("freeze"), ".2f")),
+         if a.get(FROZEN_BLOCKS_ATTR) is not None else _num(p.get("freeze"), ".2f")),
         ("lr", _num(p.get("lr"), ".2e")),
         ("weight decay", _num(p.get("weight_decay"), ".1e")),
         ("batch size", p.get("batch_size")),
         ("α", _num(p.get("alpha"), ".3f")),
-        ("best epoch", a.get("best_epoch")),
+        ("best epoch", a.get(BEST_EPOCH_ATTR)),
     ]
     test = test_metrics(study).get(str(best.number))
     if test:
@@ -192,7 +204,7 @@ def _per_backbone(records: list[dict[str, Any]], figs: _Figures) -> str:
     by_backbone: dict[str, list[dict[str, Any]]] = {}
     for r in records:
         b = r["params"].get("backbone")
-        if b is not None and r["val_accuracy"] is not None:
+        if b is not None and r[VAL_ACCURACY_ATTR] is not None:
             by_backbone.setdefault(str(b), []).append(r)
     if not by_backbone:
         return _note("No trial has reported a validation accuracy yet.")
@@ -208,7 +220,7 @@ def _per_backbone(records: list[dict[str, Any]], figs: _Figures) -> str:
             go.Box(
                 name=state.lower(),
                 x=[str(r["params"]["backbone"]) for r in rows],
-                y=[r["val_accuracy"] for r in rows],
+                y=[r[VAL_ACCURACY_ATTR] for r in rows],
                 boxpoints="all",
                 jitter=0.4,
                 pointpos=0,
@@ -244,7 +256,7 @@ def _curves(trials: list[optuna.trial.FrozenTrial], figs: _Figures) -> str:
         state = t.state.name
         label = f"trial {t.number} ({state.lower()}"
         if state == "PRUNED":
-            label += f" at epoch {t.user_attrs.get('pruned_at_epoch', steps[-1])}"
+            label += f" at epoch {t.user_attrs.get(PRUNED_AT_EPOCH_ATTR, steps[-1])}"
         label += ")"
         symbols = ["circle"] * (len(steps) - 1) + ["x" if state == "PRUNED" else "circle"]
         fig.add_trace(
@@ -266,7 +278,7 @@ def _curves(trials: list[optuna.trial.FrozenTrial], figs: _Figures) -> str:
     )
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
     stops = [
-        f"trial {t.number} at epoch {t.user_attrs.get('pruned_at_epoch', t.last_step)}"
+        f"trial {t.number} at epoch {t.user_attrs.get(PRUNED_AT_EPOCH_ATTR, t.last_step)}"
         for t in pruned
     ]
     text = f"Pruned: {', '.join(stops)}." if stops else "No trial was pruned."
@@ -298,7 +310,7 @@ def _table(records: list[dict[str, Any]], best: int | None) -> str:
     out.append("</tr></thead><tbody>")
     for r in records:
         p = r["params"]
-        k, n = r["frozen_blocks"], r["n_blocks"]
+        k, n = r[FROZEN_BLOCKS_ATTR], r[N_BLOCKS_ATTR]
         freeze = f"{k}/{n}" if k is not None else _num(p.get("freeze"), ".2f")
         cells = [
             str(r["number"]) + (" ◀ best" if r["number"] == best else ""),
@@ -309,13 +321,13 @@ def _table(records: list[dict[str, Any]], best: int | None) -> str:
             _num(p.get("weight_decay"), ".1e"),
             _num(p.get("alpha"), ".3f"),
             p.get("batch_size", ""),
-            _num(r["val_accuracy"], ".4f"),
-            _num(r["val_f1"], ".4f"),
-            r["best_epoch"],
-            r["epochs_run"],
-            r["pruned_at_epoch"],
-            f"{r['seconds']:.0f} s" if r["seconds"] is not None else "",
-            r["fail_reason"],
+            _num(r[VAL_ACCURACY_ATTR], ".4f"),
+            _num(r[VAL_F1_ATTR], ".4f"),
+            r[BEST_EPOCH_ATTR],
+            r[EPOCHS_RUN_ATTR],
+            r[PRUNED_AT_EPOCH_ATTR],
+            f"{r[SECONDS_ATTR]:.0f} s" if r[SECONDS_ATTR] is not None else "",
+            r[FAIL_REASON_ATTR],
         ]
         cls = r["state"] + (" best" if r["number"] == best else "")
         out.append(f'<tr class="{_esc(cls)}">')

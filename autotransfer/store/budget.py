@@ -39,10 +39,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autotransfer.exceptions import StorageError
 from autotransfer.store.database import Lock, lockable, shared_lock
+from autotransfer.store.records import FAILED_TRIAL_ATTR, TARGET_ATTR
 from autotransfer.store.storage import redact
 
-TARGET_ATTR = "target_trials"
-RETRY_OF_ATTR = "failed_trial"  # Optuna's system attribute on a retried trial
 COUNTED_STATES = (
     TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING,
     TrialState.WAITING,
@@ -62,7 +61,7 @@ def used_slots(trials: Sequence[FrozenTrial]) -> int:
 
 def _slot(trial: FrozenTrial) -> int:
     """The number of the first trial of ``trial``'s chain of retries."""
-    return int(trial.system_attrs.get(RETRY_OF_ATTR, trial.number))
+    return int(trial.system_attrs.get(FAILED_TRIAL_ATTR, trial.number))
 
 
 def budget_lock(storage_url: str, study_name: str) -> Lock:

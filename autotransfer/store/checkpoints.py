@@ -25,9 +25,7 @@ from autotransfer.backbones import Backbone, Preprocessing, TextPreprocessing
 from autotransfer.exceptions import StorageError
 from autotransfer.plugins.host import PluginHost
 from autotransfer.spec.model import BackboneRef
-
-CHECKPOINT_ATTR = "checkpoint"
-PREPROCESSING_ATTR = "preprocessing"
+from autotransfer.store.records import CHECKPOINT_ATTR, PREPROCESSING_ATTR
 
 
 def save_checkpoint(

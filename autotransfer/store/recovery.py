@@ -42,13 +42,20 @@ from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
 from autotransfer.spec.model import RecoverySpec
-from autotransfer.store.resume import CARRIED_ATTRS, RESUME_STATE_ATTR, drop_artifact
-
-WORKER_ATTR = "worker"
-RETRY_OF_ATTR = "retry_of"  # this trial re-runs the trial with this number
-REQUEUED_ATTR = "requeued"  # an interrupted trial already queued again
-INTERRUPTED_ATTR = "interrupted"  # the signal that interrupted the trial
-LOST_REASON = "worker_lost"
+from autotransfer.store.records import (
+    CARRIED_ATTRS,
+    FAIL_MESSAGE_ATTR,
+    FAIL_REASON_ATTR,
+    FAILED_TRIAL_ATTR,
+    INTERRUPTED_ATTR,
+    LOST_REASON,
+    REQUEUED_ATTR,
+    RESUME_STATE_ATTR,
+    RETRY_HISTORY_ATTR,
+    RETRY_OF_ATTR,
+    WORKER_ATTR,
+)
+from autotransfer.store.resume import drop_artifact
 
 
 def _quiet(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -98,12 +105,12 @@ class RetryStaleTrial(RetryHeartbeatStaleTrialCallback):
         if trial.user_attrs.get(REQUEUED_ATTR):
             return
         system_attrs: dict[str, Any] = {
-            "failed_trial": trial.number,
-            "retry_history": [],
+            FAILED_TRIAL_ATTR: trial.number,
+            RETRY_HISTORY_ATTR: [],
             **copy.deepcopy(trial.system_attrs),
         }
-        system_attrs["retry_history"].append(trial.number)
-        if self._max_retry is not None and self._max_retry < len(system_attrs["retry_history"]):
+        system_attrs[RETRY_HISTORY_ATTR].append(trial.number)
+        if self._max_retry is not None and self._max_retry < len(system_attrs[RETRY_HISTORY_ATTR]):
             return
         _queue_copy(study, trial, system_attrs)
 
@@ -117,9 +124,10 @@ def requeue_interrupted(trial: optuna.Trial, signame: str) -> None:
     """
     trial.set_user_attr(INTERRUPTED_ATTR, signame)
     frozen = trial.study._storage.get_trial(trial._trial_id)
-    keep = {k: v for k, v in frozen.system_attrs.items() if k in ("failed_trial", "retry_history")}
+    carried = (FAILED_TRIAL_ATTR, RETRY_HISTORY_ATTR)
+    keep = {k: v for k, v in frozen.system_attrs.items() if k in carried}
     # The copy stands in for the trial in the study's budget (autotransfer.store.budget).
-    keep.setdefault("failed_trial", frozen.number)
+    keep.setdefault(FAILED_TRIAL_ATTR, frozen.number)
     _queue_copy(trial.study, frozen, copy.deepcopy(keep))
     trial.set_user_attr(REQUEUED_ATTR, True)
 
@@ -214,8 +222,8 @@ def recover_lost_trials(
     for trial_id, reason in why.items():
         detail = reason if reason != "no heartbeat" else f"no heartbeat for over {grace}s"
         try:
-            storage.set_trial_user_attr(trial_id, "fail_reason", LOST_REASON)
-            storage.set_trial_user_attr(trial_id, "fail_message", f"worker lost: {detail}")
+            storage.set_trial_user_attr(trial_id, FAIL_REASON_ATTR, LOST_REASON)
+            storage.set_trial_user_attr(trial_id, FAIL_MESSAGE_ATTR, f"worker lost: {detail}")
             if storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
                 failed.append((trial_id, detail))
         except optuna.exceptions.UpdateFinishedTrialError:

@@ -31,10 +31,7 @@ import torch
 from optuna.artifacts._protocol import ArtifactStore
 from optuna.artifacts.exceptions import ArtifactNotFound
 
-RESUME_STATE_ATTR = "resume_state"
-RESUME_EPOCH_ATTR = "resume_epoch"
-CARRIED_ATTRS = (RESUME_STATE_ATTR, RESUME_EPOCH_ATTR)
-"""User attributes a retried trial inherits from the trial it re-runs."""
+from autotransfer.store.records import RESUME_EPOCH_ATTR, RESUME_STATE_ATTR
 
 
 def save_epoch_state(trial: optuna.Trial, state: dict[str, Any], store: ArtifactStore) -> str:

@@ -13,13 +13,16 @@ from pydantic import ValidationError
 from autotransfer._version import __version__
 from autotransfer.exceptions import SpecError, StorageError
 from autotransfer.spec.model import StudySpec
-from autotransfer.store.budget import TARGET_ATTR, budget_lock
+from autotransfer.store.budget import budget_lock
+from autotransfer.store.records import (
+    ARTIFACTS_ATTR,
+    SPEC_ATTR,
+    TARGET_ATTR,
+    TEST_METRICS_ATTR,
+    VERSION_ATTR,
+)
 from autotransfer.store.storage import open_storage, redact, require_existing
 
-SPEC_ATTR = "spec"
-ARTIFACTS_ATTR = "artifacts"
-TEST_METRICS_ATTR = "test_metrics"
-CLASSES_ATTR = "classes"  # class names in label order, stored at search time
 # Fields that may change between runs of one study without changing what it means.
 RESUMABLE_FIELDS = {
     "n_trials", "timeout", "train.threads", "train.eval_batch_size", "train.stall_timeout",
@@ -118,7 +121,7 @@ def create_or_resume(spec: StudySpec, storage_url: str, artifacts: Path) -> optu
         enqueue_each_backbone(study, spec)
         study.set_user_attr(SPEC_ATTR, new)
         study.set_user_attr(ARTIFACTS_ATTR, str(artifacts))
-        study.set_user_attr("autotransfer_version", __version__)
+        study.set_user_attr(VERSION_ATTR, __version__)
         with warnings.catch_warnings():  # experimental API; keep stderr for progress
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(["val_accuracy"])

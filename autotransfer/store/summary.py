@@ -7,31 +7,37 @@ from typing import Any
 import optuna
 from rich.table import Table
 
+from autotransfer.store.records import (
+    BEST_EPOCH_ATTR,
+    CHECKPOINT_ATTR,
+    EPOCHS_RUN_ATTR,
+    FAIL_REASON_ATTR,
+    FROZEN_BLOCKS_ATTR,
+    N_BLOCKS_ATTR,
+    PRUNED_AT_EPOCH_ATTR,
+    RESUMED_FROM_EPOCH_ATTR,
+    RETRY_OF_ATTR,
+    SECONDS_ATTR,
+    VAL_ACCURACY_ATTR,
+    VAL_F1_ATTR,
+)
+
+ROW_ATTRS = (
+    FROZEN_BLOCKS_ATTR, N_BLOCKS_ATTR, VAL_ACCURACY_ATTR, VAL_F1_ATTR, BEST_EPOCH_ATTR,
+    EPOCHS_RUN_ATTR, PRUNED_AT_EPOCH_ATTR, FAIL_REASON_ATTR, RETRY_OF_ATTR,
+    RESUMED_FROM_EPOCH_ATTR, SECONDS_ATTR, CHECKPOINT_ATTR,
+)
+"""The trial attributes each row carries, under their own names (``trials --json``)."""
+
 
 def trial_records(study: optuna.Study) -> list[dict[str, Any]]:
     rows = []
     for t in study.get_trials(deepcopy=False):
-        a = t.user_attrs
-        rows.append(
-            {
-                "number": t.number,
-                "state": t.state.name,
-                "value": t.value,
-                "params": dict(t.params),
-                "frozen_blocks": a.get("frozen_blocks"),
-                "n_blocks": a.get("n_blocks"),
-                "val_accuracy": a.get("val_accuracy"),
-                "val_f1": a.get("val_f1"),
-                "best_epoch": a.get("best_epoch"),
-                "epochs_run": a.get("epochs_run"),
-                "pruned_at_epoch": a.get("pruned_at_epoch"),
-                "fail_reason": a.get("fail_reason"),
-                "retry_of": a.get("retry_of"),
-                "resumed_from_epoch": a.get("resumed_from_epoch"),
-                "seconds": a.get("seconds"),
-                "checkpoint": a.get("checkpoint"),
-            }
-        )
+        row: dict[str, Any] = {
+            "number": t.number, "state": t.state.name, "value": t.value, "params": dict(t.params)
+        }
+        row.update((name, t.user_attrs.get(name)) for name in ROW_ATTRS)
+        rows.append(row)
     return rows
 
 
@@ -49,8 +55,8 @@ def trials_table(rows: list[dict[str, Any]], best: int | None = None, title: str
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for r in rows:
         p = r["params"]
-        k, n = r["frozen_blocks"], r["n_blocks"]
-        state = r["state"] if r["state"] != "FAIL" else f"FAIL ({r['fail_reason'] or '?'})"
+        k, n = r[FROZEN_BLOCKS_ATTR], r[N_BLOCKS_ATTR]
+        state = r["state"] if r["state"] != "FAIL" else f"FAIL ({r[FAIL_REASON_ATTR] or '?'})"
         mark = " ◀ best" if r["number"] == best else ""
         table.add_row(
             str(r["number"]),
@@ -60,11 +66,11 @@ def trials_table(rows: list[dict[str, Any]], best: int | None = None, title: str
             _f(p.get("lr"), ".1e"),
             _f(p.get("alpha"), ".2f"),
             str(p.get("batch_size", "")),
-            _f(r["val_accuracy"], ".3f"),
-            _f(r["val_f1"], ".3f"),
-            str(r["best_epoch"] or ""),
-            str(r["pruned_at_epoch"] or ""),
-            f"{r['seconds']:.0f}s" if r["seconds"] is not None else "",
+            _f(r[VAL_ACCURACY_ATTR], ".3f"),
+            _f(r[VAL_F1_ATTR], ".3f"),
+            str(r[BEST_EPOCH_ATTR] or ""),
+            str(r[PRUNED_AT_EPOCH_ATTR] or ""),
+            f"{r[SECONDS_ATTR]:.0f}s" if r[SECONDS_ATTR] is not None else "",
         )
     return table
 
@@ -73,7 +79,7 @@ def best_per_backbone(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Best validation accuracy reached by each backbone (pruned trials included)."""
     best: dict[str, float] = {}
     for r in rows:
-        b, v = r["params"].get("backbone"), r["val_accuracy"]
+        b, v = r["params"].get("backbone"), r[VAL_ACCURACY_ATTR]
         if b is not None and v is not None:
             best[b] = max(best.get(b, 0.0), v)
     return best

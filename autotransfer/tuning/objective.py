@@ -27,18 +27,31 @@ from autotransfer.exceptions import AutotransferError
 from autotransfer.plugins.host import PluginHost
 from autotransfer.spec.model import BackboneRef, FloatParam, FloatRange, StudySpec
 from autotransfer.store.checkpoints import save_checkpoint
-from autotransfer.store.recovery import WORKER_ATTR, requeue_interrupted, worker_identity
-from autotransfer.store.resume import (
+from autotransfer.store.records import (
+    BEST_EPOCH_ATTR,
+    EFFECTIVE_BATCH_SIZE_ATTR,
+    EPOCHS_RUN_ATTR,
+    FAIL_MESSAGE_ATTR,
+    FAIL_REASON_ATTR,
+    FROZEN_BLOCKS_ATTR,
+    MICRO_BATCH_SIZE_ATTR,
+    N_BLOCKS_ATTR,
+    OOM_EVENTS_ATTR,
+    PRUNED_AT_EPOCH_ATTR,
+    RESUME_EPOCH_ATTR,
     RESUME_STATE_ATTR,
-    drop_artifact,
-    load_epoch_state,
-    save_epoch_state,
+    RESUMED_FROM_EPOCH_ATTR,
+    RETRY_OF_ATTR,
+    SECONDS_ATTR,
+    VAL_ACCURACY_ATTR,
+    VAL_F1_ATTR,
+    WORKER_ATTR,
 )
+from autotransfer.store.recovery import requeue_interrupted, worker_identity
+from autotransfer.store.resume import drop_artifact, load_epoch_state, save_epoch_state
 from autotransfer.tuning.interrupts import signal_name
 from autotransfer.tuning.progress import Progress
 from autotransfer.tuning.watchdog import TrialStalled, Watchdog
-
-FAIL_REASON_ATTR = "fail_reason"
 
 
 def suggest_float(trial: optuna.Trial, name: str, space: FloatParam) -> float:
@@ -78,10 +91,10 @@ def _record_batch(trial: optuna.Trial, trainer: Trainer) -> None:
     """The batch each optimiser step used (``effective_batch_size``, the sampled
     batch: out-of-memory splits it into micro-batches with the gradients
     accumulated) and the largest forward that fitted (``micro_batch_size``)."""
-    trial.set_user_attr("effective_batch_size", trainer.params.batch_size)
-    trial.set_user_attr("micro_batch_size", trainer.micro_batch_size)
+    trial.set_user_attr(EFFECTIVE_BATCH_SIZE_ATTR, trainer.params.batch_size)
+    trial.set_user_attr(MICRO_BATCH_SIZE_ATTR, trainer.micro_batch_size)
     if trainer.oom_events:
-        trial.set_user_attr("oom_events", trainer.oom_events)
+        trial.set_user_attr(OOM_EVENTS_ATTR, trainer.oom_events)
 
 
 class Objective:
@@ -116,8 +129,8 @@ class Objective:
         ref = self.refs[params.backbone]
         trial.set_user_attr(WORKER_ATTR, worker_identity())
         trainer = self._trainer(trial, params, ref)
-        trial.set_user_attr("n_blocks", trainer.n_blocks)
-        trial.set_user_attr("frozen_blocks", trainer.k_frozen)
+        trial.set_user_attr(N_BLOCKS_ATTR, trainer.n_blocks)
+        trial.set_user_attr(FROZEN_BLOCKS_ATTR, trainer.k_frozen)
         self.progress.trial_started(trial.number, params, trainer.k_frozen, trainer.n_blocks)
         if not self._resume(trial, trainer):
             trainer = self._trainer(trial, params, ref)  # a clean start, not half-restored
@@ -182,14 +195,14 @@ class Objective:
     def _train(self, trial: optuna.Trial, trainer: Trainer, start: float) -> None:
         for result in trainer.epochs():
             trial.report(result.val.accuracy, result.epoch)
-            trial.set_user_attr("epochs_run", result.epoch)
+            trial.set_user_attr(EPOCHS_RUN_ATTR, result.epoch)
             _record_batch(trial, trainer)
             self.progress.epoch(trial.number, result)
             if result.epoch < self.spec.train.epochs:
                 self._save_state(trial, trainer)
             # Pruning after the last epoch saves nothing; let the trial complete.
             if result.epoch < self.spec.train.epochs and trial.should_prune():
-                trial.set_user_attr("pruned_at_epoch", result.epoch)
+                trial.set_user_attr(PRUNED_AT_EPOCH_ATTR, result.epoch)
                 self._record_best(trial, trainer, start)
                 self.progress.trial_finished(
                     trial.number, "PRUNED",
@@ -233,10 +246,10 @@ class Objective:
             return False
         for epoch, value in trainer.history:
             trial.report(value, epoch)
-        trial.set_user_attr("resumed_from_epoch", trainer.epoch)
+        trial.set_user_attr(RESUMED_FROM_EPOCH_ATTR, trainer.epoch)
         self.progress.message(
             f"  trial {trial.number} resumes after epoch {trainer.epoch} "
-            f"(re-runs trial {trial.user_attrs.get('retry_of', '?')})"
+            f"(re-runs trial {trial.user_attrs.get(RETRY_OF_ATTR, '?')})"
         )
         return True
 
@@ -248,10 +261,10 @@ class Objective:
         """Mark the trial, queue it again from its last epoch state; never raises
         (if the storage cannot be written, the heartbeat retry takes over)."""
         name = signal_name(exc)
-        epoch = trial.user_attrs.get("resume_epoch", 0)
+        epoch = trial.user_attrs.get(RESUME_EPOCH_ATTR, 0)
         try:
             trial.set_user_attr(FAIL_REASON_ATTR, "interrupted")
-            trial.set_user_attr("fail_message", f"interrupted by {name}")
+            trial.set_user_attr(FAIL_MESSAGE_ATTR, f"interrupted by {name}")
             if len(trial.params) < len(PARAM_NAMES):  # stopped while sampling: not started
                 return
             requeue_interrupted(trial, name)
@@ -284,7 +297,7 @@ class Objective:
         )
         try:
             storage.set_trial_user_attr(trial_id, FAIL_REASON_ATTR, "timeout")
-            storage.set_trial_user_attr(trial_id, "fail_message", message)
+            storage.set_trial_user_attr(trial_id, FAIL_MESSAGE_ATTR, message)
             storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
         except Exception as exc:  # noqa: BLE001 - exiting anyway
             print(f"error: could not mark trial {trial.number}: {exc}", file=sys.stderr)
@@ -292,13 +305,13 @@ class Objective:
 
     def _record_best(self, trial: optuna.Trial, trainer: Trainer, start: float) -> None:
         if trainer.best is not None:
-            trial.set_user_attr("best_epoch", trainer.best.epoch)
-            trial.set_user_attr("val_accuracy", trainer.best.val.accuracy)
-            trial.set_user_attr("val_f1", trainer.best.val.macro_f1)
-        trial.set_user_attr("seconds", round(time.perf_counter() - start, 2))
+            trial.set_user_attr(BEST_EPOCH_ATTR, trainer.best.epoch)
+            trial.set_user_attr(VAL_ACCURACY_ATTR, trainer.best.val.accuracy)
+            trial.set_user_attr(VAL_F1_ATTR, trainer.best.val.macro_f1)
+        trial.set_user_attr(SECONDS_ATTR, round(time.perf_counter() - start, 2))
 
     def _fail(self, trial: optuna.Trial, reason: str, message: str) -> TrialError:
         trial.set_user_attr(FAIL_REASON_ATTR, reason)
-        trial.set_user_attr("fail_message", message[:500])
+        trial.set_user_attr(FAIL_MESSAGE_ATTR, message[:500])
         self.progress.trial_finished(trial.number, "FAIL", f"{reason}: {message}")
         return TrialError(reason, message)

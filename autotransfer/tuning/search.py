@@ -22,14 +22,10 @@ from autotransfer.plugins.host import PluginHost, get_plugin_host
 from autotransfer.spec.model import StudySpec
 from autotransfer.store.budget import BudgetedStudy, BudgetSpent, budget_lock
 from autotransfer.store.checkpoints import load_trial_backbone
+from autotransfer.store.records import CLASSES_ATTR, FAIL_REASON_ATTR, TEST_METRICS_ATTR
 from autotransfer.store.recovery import after_trial, recover_lost_trials, writer_study
 from autotransfer.store.storage import artifact_store, default_artifacts_dir, open_storage
-from autotransfer.store.studies import (
-    CLASSES_ATTR,
-    TEST_METRICS_ATTR,
-    create_or_resume,
-    test_metrics,
-)
+from autotransfer.store.studies import create_or_resume, test_metrics
 from autotransfer.tuning.interrupts import handle_signals
 from autotransfer.tuning.objective import Objective, plugin_label
 from autotransfer.tuning.progress import Progress
@@ -222,7 +218,7 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         reasons = sorted(
-            {t.user_attrs.get("fail_reason", t.state.name.lower()) for t in study.trials}
+            {t.user_attrs.get(FAIL_REASON_ATTR, t.state.name.lower()) for t in study.trials}
         )
         raise NoSuccessfulTrialsError(
             f"no successful trials in study '{study.study_name}' "

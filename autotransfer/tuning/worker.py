@@ -21,10 +21,9 @@ import optuna
 from autotransfer.exceptions import DataError, StorageError
 from autotransfer.spec.model import StudySpec, validate_spec
 from autotransfer.store.budget import BudgetedStudy, budget_lock
+from autotransfer.store.records import ARTIFACTS_ATTR, CLASSES_ATTR
 from autotransfer.store.storage import open_storage, require_existing
 from autotransfer.store.studies import (
-    ARTIFACTS_ATTR,
-    CLASSES_ATTR,
     load_study,
     make_pruner,
     make_sampler,
