@@ -160,6 +160,42 @@ def test_unknown_builtin_data_set(write_spec, storage_url: str) -> None:
     assert_bad_input(result, "'sklearn:iris'", "sklearn:digits")
 
 
+def _given_set_case(case: str, tmp_path: Path, make: Callable[..., Path]) -> tuple[list, list]:
+    """Flags for a bad --val-data/--test-data, and what the error must name."""
+    if case == "text for images":
+        (tmp_path / "val.csv").write_text("text,label\na,red\n")
+        return ["--val-data", tmp_path / "val.csv"], ["data.val", "val.csv", "text data",
+                                                      "image", "same format"]
+    if case == "same as data":
+        return ["--test-data", "DATA"], ["data.test is data.path", "separate test set"]
+    if case == "val is test":
+        other = make("other", per_class=3)
+        return ["--val-data", other, "--test-data", other], ["data.val and data.test",
+                                                             "two separate sets"]
+    if case == "missing":
+        return ["--val-data", tmp_path / "no-val"], ["no-val", "does not exist"]
+    if case == "other classes":
+        other = make("other", per_class=3, classes={"red": (200, 40, 40), "grey": (9, 9, 9)})
+        return ["--test-data", other], ["data.test", "no examples of 'blue', 'green'",
+                                        "classes not in data.path: 'grey'"]
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize(
+    "case", ["text for images", "same as data", "val is test", "missing", "other classes"]
+)
+def test_bad_given_val_or_test_set(
+    case: str, write_spec, image_folder, tmp_path: Path, storage_url: str
+) -> None:
+    data = image_folder("data", per_class=12)
+    flags, needles = _given_set_case(case, tmp_path, image_folder)
+    flags = [data if f == "DATA" else f for f in flags]
+    result = invoke("search", write_spec(), "--data", data, *flags, "--storage", storage_url)
+    assert_bad_input(result, *needles)
+    assert not Path(storage_url.removeprefix("sqlite:///")).with_name(
+        "autotransfer-artifacts").exists()
+
+
 # ---------------------------------------------------------------- storage
 
 

@@ -102,3 +102,15 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
     scalar.write_text("just a string\n")
     with pytest.raises(SpecError, match="must be a YAML mapping"):
         load_spec(scalar)
+
+
+def test_given_val_and_test_paths_are_relative_to_the_spec(tmp_path: Path, spec_dict) -> None:
+    raw = spec_dict("images", **{"data.val": "held/val", "data.test": "held/test"})
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    spec = load_spec(path)
+    assert spec.data.val == str((tmp_path / "held" / "val").resolve())
+    assert spec.data.given == {"val": spec.data.val, "test": str(tmp_path / "held" / "test")}
+    with pytest.raises(SpecError, match="source.val/source.test are not used"):
+        validate_spec(spec_dict("/x", **{"retention": "source",
+                                         "source": {"path": "/s", "val": "/v"}}))

@@ -25,6 +25,22 @@ def search(
             "set: a .csv or .jsonl file with a text and a label column.",
         ),
     ] = None,
+    val_data: Annotated[
+        str | None,
+        typer.Option(
+            "--val-data",
+            help="A validation set you already have, in the same format and with the same "
+            "classes as --data; then none is split off --data.",
+        ),
+    ] = None,
+    test_data: Annotated[
+        str | None,
+        typer.Option(
+            "--test-data",
+            help="A test set you already have, in the same format and with the same classes "
+            "as --data; then none is split off --data.",
+        ),
+    ] = None,
     text_column: Annotated[
         str | None,
         typer.Option(
@@ -92,6 +108,8 @@ def search(
 
     overrides = {
         "data.path": data,
+        "data.val": val_data,
+        "data.test": test_data,
         "data.text_column": text_column,
         "data.label_column": label_column,
         "search.backbones": [b.strip() for b in backbones.split(",") if b.strip()]
@@ -103,8 +121,9 @@ def search(
         "name": study_name,
         "seed": seed,
     }
-    if data is not None and Path(data).exists():
-        overrides["data.path"] = str(Path(data).resolve())
+    for key, value in (("data.path", data), ("data.val", val_data), ("data.test", test_data)):
+        if value is not None and Path(value).exists():
+            overrides[key] = str(Path(value).resolve())
     resolved = load_spec(spec, overrides)
     if export is not None:
         from autotransfer.export.writer import check_target

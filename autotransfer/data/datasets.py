@@ -351,35 +351,105 @@ def _jsonl_rows(f: Any, path: Path, tc: str, lc: str) -> list[tuple[int, str, st
     return rows
 
 
-def min_per_class(split: SplitSpec) -> int:
-    """The fewest images a class needs so each split gets at least one."""
-    smallest = min(split.train, split.val, split.test)
-    return max(3, math.ceil(1 / smallest))
+PARTS = ("train", "val", "test")
 
 
-def stratified_split(data: Dataset, split: SplitSpec, seed: int) -> Splits:
+def split_fractions(split: SplitSpec, given: tuple[str, ...] = ()) -> dict[str, float]:
+    """The fraction of each class that goes to each part split off the data.
+
+    Parts in ``given`` (``val``, ``test``: sets of their own) are not split off;
+    the other parts' fractions are scaled so they keep their ratio and take the
+    given parts' share (60/20/20 with a given validation set: 75/25 train/test).
+    """
+    wanted = {p: getattr(split, p) for p in PARTS}
+    kept = {p: f for p, f in wanted.items() if p not in given}
+    scale = sum(wanted.values()) / sum(kept.values())
+    return {p: min(1.0, f * scale) for p, f in kept.items()}
+
+
+def min_per_class(split: SplitSpec, given: tuple[str, ...] = ()) -> int:
+    """The fewest examples a class needs so each part split off gets at least one."""
+    fractions = split_fractions(split, given)
+    return max(len(fractions), math.ceil(1 / min(fractions.values()) - 1e-9))
+
+
+def stratified_split(
+    data: Dataset, split: SplitSpec, seed: int, given: dict[str, Dataset] | None = None
+) -> Splits:
     """Split each class by the fractions in ``split``, shuffled with ``seed``.
 
+    ``given`` holds the parts the user gave as their own sets (``val``, ``test``,
+    already matched to ``data``'s classes); they are used as they are and the rest
+    of ``data`` is split into the other parts (:func:`split_fractions`).
+
     Raises:
-        DataError: a class has too few examples for every split to get one.
+        DataError: a class has too few examples for every part to get one.
     """
+    given = given or {}
+    fractions = split_fractions(split, tuple(given))
     rng = np.random.default_rng(seed)
     labels = data.labels.numpy()
-    parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
-    need = min_per_class(split)
+    parts: dict[str, list[np.ndarray]] = {p: [] for p in fractions}
+    need = min_per_class(split, tuple(given))
     for c, name in enumerate(data.classes):
         idx = np.flatnonzero(labels == c)
         if len(idx) < need:
+            shown = "/".join(fractions) + " = " + "/".join(f"{f:g}" for f in fractions.values())
+            note = f" (data.{' and data.'.join(given)} given)" if given else ""
             raise DataError(
-                f"class '{name}' has {len(idx)} {data.noun}(s); the split "
-                f"train/val/test = {split.train:g}/{split.val:g}/{split.test:g} needs at least "
-                f"{need} per class; add {data.noun}s or change data.split"
+                f"class '{name}' has {len(idx)} {data.noun}(s); the split {shown}{note} "
+                f"needs at least {need} per class; add {data.noun}s or change data.split"
             )
         idx = rng.permutation(idx)
-        n_train = max(1, round(split.train * len(idx)))
-        n_val = max(1, round(split.val * len(idx)))
-        n_test = max(1, min(round(split.test * len(idx)), len(idx) - n_train - n_val))
-        parts["train"].append(idx[:n_train])
-        parts["val"].append(idx[n_train : n_train + n_val])
-        parts["test"].append(idx[n_train + n_val : n_train + n_val + n_test])
-    return Splits(**{k: data.subset(np.sort(np.concatenate(v))) for k, v in parts.items()})
+        start = 0
+        for i, (part, fraction) in enumerate(fractions.items()):
+            left = len(idx) - start - (len(fractions) - 1 - i)  # one for each later part
+            n = min(max(1, round(fraction * len(idx))), left)
+            parts[part].append(idx[start : start + n])
+            start += n
+    split_off = {k: data.subset(np.sort(np.concatenate(v))) for k, v in parts.items()}
+    return Splits(**split_off, **given)
+
+
+def load_splits(spec: DataSpec) -> Splits:
+    """Load ``spec.path`` and any given ``val``/``test`` set, and split the rest.
+
+    Raises:
+        DataError: bad data (see :func:`load_dataset`), a given set whose classes
+            differ from ``spec.path``'s, or a class too small for the split.
+    """
+    data = load_dataset(spec)
+    given = {
+        part: _matched(load_dataset(spec.model_copy(update={"path": path, "val": None,
+                                                             "test": None})),
+                       data, part, path, spec.path)
+        for part, path in spec.given.items()
+    }
+    return stratified_split(data, spec.split, spec.seed, given)
+
+
+def _matched(part_set: Dataset, data: Dataset, part: str, path: str, main: str) -> Dataset:
+    """``part_set`` with its labels numbered as ``data``'s classes.
+
+    Raises:
+        DataError: the two sets' classes differ (each difference is named).
+    """
+    if part_set.classes == data.classes:
+        return part_set
+    missing = [c for c in data.classes if c not in part_set.classes]
+    extra = [c for c in part_set.classes if c not in data.classes]
+    if missing or extra:
+        problems = []
+        if missing:
+            problems.append(f"no examples of {', '.join(repr(c) for c in missing)}")
+        if extra:
+            problems.append(f"classes not in data.path: {', '.join(repr(c) for c in extra)}")
+        raise DataError(
+            f"data.{part} '{path}' has {' and '.join(problems)}; its classes must be those of "
+            f"data.path '{main}' ({', '.join(data.classes)})"
+        )
+    order = torch.tensor([data.classes.index(c) for c in part_set.classes], dtype=torch.long)
+    remapped = part_set.subset(np.arange(len(part_set)))
+    remapped.labels = order[part_set.labels]
+    remapped.classes = data.classes
+    return remapped

@@ -30,6 +30,13 @@ from autotransfer.exceptions import SpecError
 DEFAULT_SPEC_NAME = "digits.yaml"
 TEXT_SUFFIXES = (".csv", ".jsonl")
 """A data path with one of these suffixes is a text data set."""
+GIVEN_PARTS = ("val", "test")
+"""Split parts that may be given as their own data sets (``data.val``, ``data.test``)."""
+
+
+def modality_of(path: str) -> str:
+    """``text`` for a ``.csv``/``.jsonl`` path, else ``image``."""
+    return "text" if Path(path).suffix.lower() in TEXT_SUFFIXES else "image"
 
 
 class _Model(BaseModel):
@@ -132,11 +139,17 @@ Backbone = Annotated[BackboneRef, BeforeValidator(_parse_backbone)]
 
 
 class SplitSpec(_Model):
-    """Stratified split fractions per class; the rest (if any) is left unused."""
+    """Stratified split fractions per class; the rest (if any) is left unused.
 
-    train: float = Field(0.2, gt=0, lt=1)
+    The general default keeps most labels for training and validation (60/20/20);
+    a few-label demonstration (``studies/digits.yaml``) sets its own. A part given
+    as its own data set (``data.val``, ``data.test``) is not split off: the
+    fractions of the other parts are scaled up to take its share.
+    """
+
+    train: float = Field(0.6, gt=0, lt=1)
     val: float = Field(0.2, gt=0, lt=1)
-    test: float = Field(0.6, gt=0, lt=1)
+    test: float = Field(0.2, gt=0, lt=1)
 
     @model_validator(mode="after")
     def _sum(self) -> SplitSpec:
@@ -166,11 +179,15 @@ class DataSpec(_Model):
     ``path`` is an image folder (one sub-folder per class), a built-in set
     (``sklearn:digits``), or a text data set: a ``.csv`` file (header row) or a
     ``.jsonl`` file (one JSON object per line) with a text and a label column.
-    ``image_size`` and ``augment`` apply to images; ``text_column``,
-    ``label_column`` and ``max_length`` to texts.
+    ``val`` and ``test`` are optional validation and test sets the user already
+    has, in the same format as ``path`` and with the same classes; the part given
+    is then not split off ``path``. ``image_size`` and ``augment`` apply to images;
+    ``text_column``, ``label_column`` and ``max_length`` to texts.
     """
 
     path: str
+    val: str | None = Field(None, min_length=1)
+    test: str | None = Field(None, min_length=1)
     image_size: int = Field(64, ge=8, le=1024)
     text_column: str = Field("text", min_length=1)
     label_column: str = Field("label", min_length=1)
@@ -183,10 +200,39 @@ class DataSpec(_Model):
     augment: AugmentSpec = AugmentSpec()
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _given_parts(self) -> DataSpec:
+        for part in GIVEN_PARTS:
+            path = getattr(self, part)
+            if path is None:
+                continue
+            if modality_of(path) != self.modality:
+                raise ValueError(
+                    f"data.{part} '{path}' is {modality_of(path)} data but data.path "
+                    f"'{self.path}' is {self.modality}; give a {part} set in the same format "
+                    "as data.path"
+                )
+            if path == self.path:
+                raise ValueError(
+                    f"data.{part} is data.path ('{path}'); give a separate {part} set, or "
+                    f"remove data.{part} to split it off data.path"
+                )
+        if self.val is not None and self.val == self.test:
+            raise ValueError(
+                f"data.val and data.test are the same set ('{self.val}'); give two separate "
+                "sets, or remove one to split it off data.path"
+            )
+        return self
+
     @property
     def modality(self) -> str:
         """``text`` for a CSV/JSONL file, else ``image``."""
-        return "text" if Path(self.path).suffix.lower() in TEXT_SUFFIXES else "image"
+        return modality_of(self.path)
+
+    @property
+    def given(self) -> dict[str, str]:
+        """The parts given as their own data sets: ``{"val": path, ...}``."""
+        return {p: getattr(self, p) for p in GIVEN_PARTS if getattr(self, p) is not None}
 
 
 class SearchSpec(_Model):
@@ -332,6 +378,11 @@ class StudySpec(_Model):
 
     @model_validator(mode="after")
     def _source(self) -> StudySpec:
+        if self.source is not None and self.source.given:
+            raise ValueError(
+                "source.val/source.test are not used (the source set is never split); "
+                "remove them"
+            )
         if self.retention == "source" and self.source is None:
             raise ValueError(
                 "retention 'source' needs a 'source:' data set; add one or use l2sp/distill"
@@ -376,10 +427,12 @@ def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
 def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
     for key in ("data", "source"):
         block = raw.get(key)
-        if isinstance(block, dict) and isinstance(block.get("path"), str):
-            path = block["path"]
-            if ":" not in path.split("/")[0] or Path(path).exists():
-                block["path"] = str((base / Path(path).expanduser()).resolve())
+        if not isinstance(block, dict):
+            continue
+        for field in ("path", *GIVEN_PARTS):
+            path = block.get(field)
+            if isinstance(path, str) and (":" not in path.split("/")[0] or Path(path).exists()):
+                block[field] = str((base / Path(path).expanduser()).resolve())
 
 
 # Error types that only say "this is not the right kind of value"; in a union

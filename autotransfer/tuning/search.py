@@ -15,7 +15,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from autotransfer.data.datasets import Dataset, Splits, load_dataset, stratified_split
+from autotransfer.data.datasets import Dataset, Splits, load_dataset, load_splits
 from autotransfer.engine.trainer import TrialError, evaluate
 from autotransfer.exceptions import AutotransferError, BackboneError, NoSuccessfulTrialsError
 from autotransfer.plugins.host import PluginHost, get_plugin_host
@@ -40,8 +40,9 @@ class SearchOutcome:
 
 
 def prepare_data(spec: StudySpec) -> tuple[Splits, Dataset | None]:
-    """Load and split the target set (and the source set, if any)."""
-    splits = stratified_split(load_dataset(spec.data), spec.data.split, spec.data.seed)
+    """Load and split the target set, with any given validation and test sets
+    (and load the source set, if any)."""
+    splits = load_splits(spec.data)
     source = load_dataset(spec.source) if spec.source is not None else None
     return splits, source
 
@@ -175,10 +176,12 @@ def run_search(
         f"texts (at most {spec.data.max_length} tokens)" if splits.modality == "text"
         else f"images at {spec.data.image_size}px"
     )
-    progress.message(
-        f"data: {spec.data.path}: {len(splits.classes)} classes, "
-        f"{len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test {shape}"
+    given = spec.data.given
+    sizes = " / ".join(
+        f"{len(getattr(splits, part))} {part}" + (f" (from {given[part]})" if part in given else "")
+        for part in ("train", "val", "test")
     )
+    progress.message(f"data: {spec.data.path}: {len(splits.classes)} classes, {sizes} {shape}")
     study.set_user_attr(CLASSES_ATTR, list(splits.classes))  # for export: label names
     before = _started(study)
     queued = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
