@@ -114,3 +114,18 @@ def test_given_val_and_test_paths_are_relative_to_the_spec(tmp_path: Path, spec_
     with pytest.raises(SpecError, match="source.val/source.test are not used"):
         validate_spec(spec_dict("/x", **{"retention": "source",
                                          "source": {"path": "/s", "val": "/v"}}))
+
+
+def test_docs_spec_shows_the_general_defaults() -> None:
+    """The annotated spec in docs/spec.md is what a run without a spec file gets
+    (besides the name, the data path and the backbones)."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "spec.md").read_text(encoding="utf-8")
+    block = doc.split("```yaml\n", 1)[1].split("```", 1)[0]
+    documented = yaml.safe_load(block)
+    fixed = {"name": "x", "data.path": "/d", "search.backbones": ["timm:a@packaged"]}
+    documented.update(name="x")
+    documented["data"]["path"] = "/d"
+    documented["search"]["backbones"] = ["timm:a@packaged"]
+    from autotransfer.spec.model import general_spec
+
+    assert validate_spec(documented) == general_spec(fixed)

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from autotransfer.cli.options import DEFAULT, Storage, StudyName
+
+if TYPE_CHECKING:
+    from autotransfer.spec.model import StudySpec
 
 
 def search(
     spec: Annotated[
         Path | None,
         typer.Argument(
-            help="YAML study spec. Default: the embedded digits study (studies/digits.yaml).",
+            help="YAML study spec. Without one: with --data, the general defaults "
+            "(docs/spec.md) for that data set; without --data, the embedded digits example "
+            "(studies/digits.yaml).",
             show_default=False,
         ),
     ] = None,
@@ -98,8 +103,11 @@ def search(
 ) -> None:
     """Search how to fine-tune: backbone, freeze depth, learning rate and α.
 
-    Runs the study in SPEC (or the embedded default) and prints the trials and the
-    best one. Running it again resumes the study: new trials are added.
+    Runs the study in SPEC and prints the trials and the best one. Without SPEC,
+    --data DIR (or FILE.csv) runs the general defaults on that data set, named after
+    it, over the pretrained backbones this machine can have; with no --data either,
+    the embedded digits example runs. Running it again resumes the study: new
+    trials are added.
     """
     from autotransfer.cli.render import print_search_outcome
     from autotransfer.spec.model import load_spec
@@ -124,7 +132,10 @@ def search(
     for key, value in (("data.path", data), ("data.val", val_data), ("data.test", test_data)):
         if value is not None and Path(value).exists():
             overrides[key] = str(Path(value).resolve())
-    resolved = load_spec(spec, overrides)
+    if spec is None and data is not None:
+        resolved = general_defaults(overrides, storage)
+    else:
+        resolved = load_spec(spec, overrides)  # no --data: the embedded digits example
     if export is not None:
         from autotransfer.export.writer import check_target
 
@@ -148,3 +159,75 @@ def search(
             outcome.study, export, outcome.best.number, message=lambda m: typer.echo(m, err=True)
         )
         typer.echo(f"exported trial {done.trial} to {done.path}", err=True)
+
+
+def general_defaults(overrides: dict[str, Any], storage: str) -> StudySpec:
+    """The study a run without a spec file starts from: the general defaults for
+    the data set in ``overrides["data.path"]``, named after it, with the default
+    candidate backbones for its modality (or, for a study that exists already,
+    the backbones it was created with, so a resumed study is the same study
+    offline or online). Says on stderr what was chosen.
+
+    Raises:
+        UserInputError: an invalid flag value, or no default backbone can be had.
+    """
+    from autotransfer.backbones.defaults import default_backbones
+    from autotransfer.spec.model import data_set_name, general_spec, modality_of
+
+    path = str(overrides["data.path"])
+    modality = modality_of(path)
+    name = overrides.get("name") or data_set_name(path)
+    notes: list[str] = []
+    if overrides.get("search.backbones") is None:
+        kept = _stored_backbones(storage, name)
+        if kept is not None:
+            overrides = {**overrides, "search.backbones": kept}
+            notes.append(f"backbones: those study '{name}' was created with")
+        else:
+            choice = default_backbones(modality)
+            overrides = {**overrides, "search.backbones": choice.chosen}
+            notes.append(
+                f"backbones: the pretrained {modality} candidates this machine can have"
+            )
+            notes += [f"  left out {key}: {why}" for key, why in choice.left_out.items()]
+    resolved = general_spec({**overrides, "name": name})
+    typer.echo(_describe_defaults(resolved, name != overrides.get("name"), notes), err=True)
+    return resolved
+
+
+def _stored_backbones(storage: str, name: str) -> list[dict[str, Any]] | None:
+    """The backbones of study ``name`` if the storage holds it, else None."""
+    from autotransfer.exceptions import AutotransferError
+    from autotransfer.store.studies import load_study, stored_spec
+
+    try:
+        spec = stored_spec(load_study(storage, name))
+    except AutotransferError:
+        return None  # no such storage or study (a bad URL is reported by the search)
+    return [b.model_dump(mode="json") for b in spec.search.backbones]
+
+
+def _describe_defaults(spec: StudySpec, named_after_data: bool, notes: list[str]) -> str:
+    """The defaults a run without a spec file chose, for stderr."""
+    split = spec.data.split
+    budget = f"{spec.n_trials} trial(s)" if spec.n_trials else "no trial limit"
+    limit = f"timeout {spec.timeout:g}s" if spec.timeout else "no time limit"
+    shape = (
+        f"texts up to {spec.data.max_length} tokens" if spec.data.modality == "text"
+        else f"images at {spec.data.image_size}px, flip {'on' if spec.data.augment.flip else 'off'}"
+    )
+    backbones = ", ".join(b.key for b in spec.search.backbones)
+    source = notes[0] if notes else "backbones: as given"
+    return "\n".join([
+        f"no spec file: general defaults (docs/spec.md) for {spec.data.modality} data "
+        f"'{spec.data.path}'",
+        f"  study '{spec.name}'"
+        + (" (named after the data; --study-name to change)" if named_after_data else ""),
+        f"  {budget}, {limit}, {spec.train.epochs} epochs per trial, {shape}, split "
+        f"train/val/test {split.train:g}/{split.val:g}/{split.test:g}, retention "
+        f"{spec.retention}, pruner {spec.pruner.type}, sampler {spec.sampler.type}",
+        f"  {source}: {backbones}",
+        *notes[1:],
+        "  a spec file (docs/spec.md) or flags (--backbones, --n-trials, --timeout, "
+        "--epochs, ...) change them",
+    ])

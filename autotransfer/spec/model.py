@@ -554,6 +554,33 @@ def _model_of(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+def data_set_name(path: str) -> str:
+    """The study name a data set gives: its folder's name, its file's name
+    without the suffix (``photos/`` -> ``photos``, ``reviews.csv`` -> ``reviews``),
+    or a built-in set's name (``sklearn:digits`` -> ``digits``)."""
+    if ":" in path.split("/")[0] and not Path(path).exists():
+        return path.partition(":")[2] or path
+    resolved = Path(path).expanduser().resolve()
+    name = resolved.stem if modality_of(path) == "text" else resolved.name
+    return name or "data"
+
+
+def general_spec(overrides: dict[str, Any]) -> StudySpec:
+    """A study from the general defaults (every field's default, as docs/spec.md
+    documents it) and ``overrides`` (dotted keys; ``data.path`` and
+    ``search.backbones`` required), named after the data set unless ``name`` is
+    given. What ``autotransfer search --data DIR`` runs without a spec file.
+
+    Raises:
+        SpecError: an invalid field.
+    """
+    raw: dict[str, Any] = {"name": data_set_name(str(overrides["data.path"]))}
+    for key, value in overrides.items():
+        if value is not None:
+            _set(raw, key, value)
+    return validate_spec(raw, source="general defaults and flags")
+
+
 def load_spec(
     path: str | Path | None = None, overrides: dict[str, Any] | None = None
 ) -> StudySpec:
