@@ -270,3 +270,134 @@ def test_denied_plugin_is_reported_as_denied(installed, monkeypatch) -> None:
     assert "broken" not in table.stderr and "failed" not in table.stderr
     used = runner.invoke(app, ["backbones", "--family", "good"])
     assert used.exit_code == 2 and "plugin 'good' (denied)" in used.stderr
+
+
+# -- a plugin that raises inside a trial ------------------------------------------------
+
+CRASH_PLUGIN = '''
+import torch
+from torch import nn
+from autotransfer.backbones import Backbone, BackboneFamily, Preprocessing
+from autotransfer.hookspecs import hookimpl
+
+
+class Net(nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, stride=2)
+        self.fc = nn.Linear(4, n)
+
+    def forward(self, x):
+        return self.fc(features(self, x))
+
+
+def features(model, x):
+    if model.training:
+        raise RuntimeError("kaboom in forward " + "x" * 200)
+    return model.stem(x).mean((2, 3))
+
+
+def classify(model, f):
+    return model.fc(f)
+
+
+class CrashFamily(BackboneFamily):
+    name = "crash"
+    weights_sources = ("none",)
+
+    def list_models(self, pattern=None):
+        return ["net"]
+
+    def build(self, model, *, weights, num_classes, image_size):
+        return Backbone(
+            name=f"crash:{model}", weights=weights, model=Net(num_classes),
+            blocks=[["stem.weight", "stem.bias"]], head=["fc.weight", "fc.bias"],
+            features=features, classify=classify, num_features=4,
+            preprocessing=Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+        )
+
+
+@hookimpl
+def autotransfer_register_backbone_families():
+    return [CrashFamily]
+'''
+
+
+def test_a_plugin_raising_in_a_trial_is_one_line_and_trials_shows_it(
+    tmp_path, write_spec, storage_url
+) -> None:
+    """A real entry point (a dist-info on PYTHONPATH, no pip) in a fresh process,
+    so Optuna's own logging reaches stderr as it would for a user."""
+    import os
+    import subprocess
+    import sys
+
+    site = tmp_path / "site"
+    info = site / "crash_plugin-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: crash-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[autotransfer]\ncrash = crash_plugin\n")
+    (site / "crash_plugin.py").write_text(CRASH_PLUGIN)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(site), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    spec = write_spec(**{"search.backbones": ["crash:net@none"], "n_trials": 1,
+                         "train.epochs": 1})
+
+    done = subprocess.run(
+        [sys.executable, "-m", "autotransfer", "search", str(spec), "--storage", storage_url],
+        capture_output=True, text=True, env=env, check=False,
+    )
+    assert done.returncode == 1, done.stderr  # no trial completed
+    lines = done.stderr.splitlines()
+    failed = [line for line in lines if "trial 0 fail:" in line]
+    assert len(failed) == 1, done.stderr
+    assert "plugin_error" in failed[0] and "plugin 'crash'" in failed[0]
+    assert "kaboom in forward" in failed[0]
+    assert "Traceback" not in done.stderr and "failed with parameters" not in done.stderr
+    assert lines[-1].startswith("error: no successful trials")
+
+
+    table = runner.invoke(app, ["trials", "--storage", storage_url])
+    assert table.exit_code == 0, table.output
+    assert "failure" in table.stdout and "plugin_error" in table.stdout
+    assert "RuntimeError: kaboom" in table.stdout, table.stdout
+    assert "x" * 100 not in table.stdout
+    records = json.loads(runner.invoke(app, ["trials", "--storage", storage_url,
+                                              "--json"]).stdout)["trials"]
+    assert "kaboom in forward " + "x" * 200 in records[0]["fail_message"]
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_optuna_failed_trial_warning_only_with_debug(debug: bool) -> None:
+    """Optuna's "Trial N failed" warning and traceback (after our own one line)
+    pass only with --debug; errors that are not ours always pass."""
+    import logging
+
+    import optuna
+
+    from autotransfer.engine.trainer import TrialError
+    from autotransfer.tuning.progress import OPTUNA_TRIAL_LOGGER, Progress, quiet_failed_trials
+
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = seen.append  # type: ignore[method-assign]
+    logger = logging.getLogger(OPTUNA_TRIAL_LOGGER)
+    logger.addHandler(handler)
+
+    def objective(trial: optuna.Trial) -> float:
+        if trial.number == 0:
+            raise TrialError("plugin_error", "RuntimeError: kaboom")
+        raise ValueError("not ours")
+
+    study = optuna.create_study()
+    try:
+        with quiet_failed_trials(Progress(debug=debug)):
+            study.optimize(objective, n_trials=1, catch=(TrialError,))
+            with pytest.raises(ValueError):
+                study.optimize(objective, n_trials=1)
+    finally:
+        logger.removeHandler(handler)
+    messages = [r.getMessage() for r in seen]
+    ours = [m for m in messages if m.startswith("Trial 0 failed")]
+    assert len(ours) == (2 if debug else 0), messages
+    assert len([m for m in messages if m.startswith("Trial 1 failed")]) == 2, messages

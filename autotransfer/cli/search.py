@@ -109,6 +109,7 @@ def search(
     the embedded digits example runs. Running it again resumes the study: new
     trials are added.
     """
+    from autotransfer.cli import debug_enabled
     from autotransfer.cli.render import print_search_outcome
     from autotransfer.spec.model import load_spec
     from autotransfer.tuning.progress import Progress
@@ -149,7 +150,7 @@ def search(
                 "checkpoints); give an export directory outside it"
             )
     outcome = run_search(
-        resolved, storage, artifacts, Progress(epochs=resolved.train.epochs)
+        resolved, storage, artifacts, Progress(epochs=resolved.train.epochs, debug=debug_enabled())
     )
     print_search_outcome(outcome, json_out)
     if export is not None:

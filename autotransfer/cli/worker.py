@@ -52,10 +52,12 @@ def worker(
     --n-trials / --timeout). Prints one summary line when it stops. See
     docs/scale-out.md.
     """
+    from autotransfer.cli import debug_enabled
     from autotransfer.tuning.worker import run_worker
 
     outcome = run_worker(
-        storage, study_name, artifacts, data, n_trials, timeout, wait=wait
+        storage, study_name, artifacts, data, n_trials, timeout, wait=wait,
+        debug=debug_enabled(),
     )
     states = [t.state.name for t in outcome.study.get_trials(deepcopy=False)]
     counts = ", ".join(

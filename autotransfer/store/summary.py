@@ -11,6 +11,7 @@ from autotransfer.store.records import (
     BEST_EPOCH_ATTR,
     CHECKPOINT_ATTR,
     EPOCHS_RUN_ATTR,
+    FAIL_MESSAGE_ATTR,
     FAIL_REASON_ATTR,
     FROZEN_BLOCKS_ATTR,
     N_BLOCKS_ATTR,
@@ -24,7 +25,7 @@ from autotransfer.store.records import (
 
 ROW_ATTRS = (
     FROZEN_BLOCKS_ATTR, N_BLOCKS_ATTR, VAL_ACCURACY_ATTR, VAL_F1_ATTR, BEST_EPOCH_ATTR,
-    EPOCHS_RUN_ATTR, PRUNED_AT_EPOCH_ATTR, FAIL_REASON_ATTR, RETRY_OF_ATTR,
+    EPOCHS_RUN_ATTR, PRUNED_AT_EPOCH_ATTR, FAIL_REASON_ATTR, FAIL_MESSAGE_ATTR, RETRY_OF_ATTR,
     RESUMED_FROM_EPOCH_ATTR, SECONDS_ATTR, CHECKPOINT_ATTR,
 )
 """The trial attributes each row carries, under their own names (``trials --json``)."""
@@ -45,12 +46,25 @@ def _f(v: float | None, fmt: str) -> str:
     return "" if v is None else format(v, fmt)
 
 
+FAIL_MESSAGE_WIDTH = 48
+"""A failed trial's message is cut to this many characters in the table (JSON: whole)."""
+
+
+def _short(text: str | None, width: int = FAIL_MESSAGE_WIDTH) -> str:
+    text = " ".join((text or "").split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def trials_table(rows: list[dict[str, Any]], best: int | None = None, title: str = "") -> Table:
+    """The trials as a table; a ``failure`` column (shortened ``fail_message``)
+    when a trial failed."""
     table = Table(title=title or None, title_justify="left")
+    failures = any(r.get(FAIL_MESSAGE_ATTR) for r in rows)
     for col, justify in [
         ("#", "right"), ("state", "left"), ("backbone", "left"), ("freeze", "right"),
         ("lr", "right"), ("α", "right"), ("batch", "right"), ("val acc", "right"),
         ("val F1", "right"), ("best ep", "right"), ("pruned at", "right"), ("time", "right"),
+        *([("failure", "left")] if failures else []),
     ]:
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for r in rows:
@@ -71,6 +85,7 @@ def trials_table(rows: list[dict[str, Any]], best: int | None = None, title: str
             str(r[BEST_EPOCH_ATTR] or ""),
             str(r[PRUNED_AT_EPOCH_ATTR] or ""),
             f"{r[SECONDS_ATTR]:.0f}s" if r[SECONDS_ATTR] is not None else "",
+            *([_short(r.get(FAIL_MESSAGE_ATTR))] if failures else []),
         )
     return table
 

@@ -154,7 +154,8 @@ class Objective:
             self._drop_state(trial)
             raise self._fail(
                 trial, "plugin_error",
-                f"training {ref.key} ({plugin_label(self.host, ref.family)}) raised {exc!r}",
+                f"{type(exc).__name__}: {exc} (training {ref.key}, "
+                f"{plugin_label(self.host, ref.family)})",
             ) from exc
         finally:
             trainer.on_batch = None
@@ -187,7 +188,8 @@ class Objective:
         except Exception as exc:
             raise self._fail(
                 trial, "plugin_error",
-                f"{plugin_label(self.host, ref.family)} failed to build {ref.key}: {exc!r}",
+                f"{type(exc).__name__}: {exc} (building {ref.key}, "
+                f"{plugin_label(self.host, ref.family)})",
             ) from exc
         fit_to_data(backbone, self.spec.data)
         return Trainer(backbone, self.splits, params, self.spec, self.spec.seed, self.source)

@@ -1,18 +1,39 @@
-"""Live progress on stderr: one line per trial start, per epoch and per trial end."""
+"""Live progress on stderr: one line per trial start, per epoch and per trial end.
+
+A failed trial is one line (number, reason, message); Optuna's own "Trial N
+failed" warning, with the traceback, is shown only with ``debug``
+(:func:`quiet_failed_trials`).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import re
+from collections.abc import Iterator
+
 from rich.console import Console
+from rich.markup import escape
 
 from autotransfer.engine.trainer import EpochResult, TrialParams
+from autotransfer.exceptions import AutotransferError
+
+OPTUNA_TRIAL_LOGGER = "optuna.study._optimize"
 
 
 class Progress:
-    """Prints what the search is doing, as it happens, to stderr."""
+    """Prints what the search is doing, as it happens, to stderr.
 
-    def __init__(self, console: Console | None = None, epochs: int = 0) -> None:
+    ``debug``: also let Optuna print its own warning and traceback for a failed
+    trial (the command line's ``--debug``).
+    """
+
+    def __init__(
+        self, console: Console | None = None, epochs: int = 0, debug: bool = False
+    ) -> None:
         self.console = console or Console(stderr=True, highlight=False, soft_wrap=True)
         self.epochs = epochs
+        self.debug = debug
 
     def message(self, text: str) -> None:
         self.console.print(text)
@@ -34,4 +55,40 @@ class Progress:
 
     def trial_finished(self, number: int, state: str, detail: str) -> None:
         color = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red"}.get(state, "white")
+        detail = escape(" ".join(detail.split()))  # one line, whatever a plugin's message holds
         self.console.print(f"  trial {number} [{color}]{state.lower()}[/]: {detail}")
+
+
+class _QuietFailedTrial(logging.Filter):
+    """Drops Optuna's "Trial N failed with parameters ... because of ..." warning
+    (with its traceback) and the "Trial N failed with value None." line after it
+    when the error is ours (:class:`AutotransferError`: the trial's own progress
+    line, or the command's error line, already says what happened)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numbers: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        number = re.match(r"Trial (\d+) failed", record.getMessage())
+        if number is None:
+            return True
+        if record.exc_info and isinstance(record.exc_info[1], AutotransferError):
+            self.numbers.add(number.group(1))
+            return False
+        return number.group(1) not in self.numbers
+
+
+@contextlib.contextmanager
+def quiet_failed_trials(progress: Progress) -> Iterator[None]:
+    """In the block, a failed trial prints only its progress line, unless
+    ``progress.debug``."""
+    if progress.debug:
+        yield
+        return
+    quiet, logger = _QuietFailedTrial(), logging.getLogger(OPTUNA_TRIAL_LOGGER)
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)

@@ -28,7 +28,7 @@ from autotransfer.store.storage import artifact_store, default_artifacts_dir, op
 from autotransfer.store.studies import create_or_resume, test_metrics
 from autotransfer.tuning.interrupts import handle_signals
 from autotransfer.tuning.objective import Objective, plugin_label
-from autotransfer.tuning.progress import Progress
+from autotransfer.tuning.progress import Progress, quiet_failed_trials
 
 
 @dataclass
@@ -134,7 +134,8 @@ def run_trials(
     # Last, on the study object that runs the trials: every ask claims a slot of
     # the study's shared budget first (keep this after any other re-opening).
     study = BudgetedStudy(study, budget_lock(storage_url, study.study_name))
-    with handle_signals():  # SIGTERM / Ctrl-C: mark and re-queue the running trial
+    # SIGTERM / Ctrl-C: mark and re-queue the running trial; a failed trial: one line
+    with handle_signals(), quiet_failed_trials(progress):
         recover_lost_trials(study, store, progress.message)  # retried before new trials
         if add_to_target is not False:
             study.set_target(add_to_target)

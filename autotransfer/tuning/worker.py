@@ -119,11 +119,12 @@ def run_worker(
     timeout: float | None = None,
     progress: Progress | None = None,
     wait: float = 0.0,
+    debug: bool = False,
 ) -> WorkerOutcome:
     """Join the existing study ``study_name`` and run trials until the study's
     target is met (:mod:`autotransfer.store.budget`) or this worker's own limits
     (``n_trials``, ``timeout``) are reached. ``wait``: seconds to wait for the
-    study to be created.
+    study to be created. ``debug``: show Optuna's own traceback of a failed trial.
 
     Raises:
         UserInputError: no such study, not an autotransfer study, artifacts
@@ -132,7 +133,7 @@ def run_worker(
     study = wait_for_study(storage_url, study_name, wait)
     spec = joined_spec(study, data)
     path = joined_artifacts(study, artifacts)
-    progress = progress or Progress(epochs=spec.train.epochs)
+    progress = progress or Progress(epochs=spec.train.epochs, debug=debug)
     inputs = load_worker_inputs(spec)
     stored_classes = study.user_attrs.get(CLASSES_ATTR)
     if stored_classes is not None and list(stored_classes) != list(inputs.splits.classes):
