@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import re
 import types
 from collections.abc import Callable, Iterator
 
@@ -401,3 +402,44 @@ def test_optuna_failed_trial_warning_only_with_debug(debug: bool) -> None:
     ours = [m for m in messages if m.startswith("Trial 0 failed")]
     assert len(ours) == (2 if debug else 0), messages
     assert len([m for m in messages if m.startswith("Trial 1 failed")]) == 2, messages
+
+
+# -- the conformance suite says what to fix -----------------------------------------------
+
+
+class DictNet(TinyNet):
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        return {"logits": super().forward(x)}
+
+
+class NotExportable(GoodFamily):
+    def build(self, model: str, *, weights: str, num_classes: int, image_size: int) -> Backbone:
+        b = super().build(model, weights=weights, num_classes=num_classes, image_size=image_size)
+        b.model = DictNet(num_classes)
+        return b
+
+
+class MisnamedFamily(GoodFamily):
+    def build(self, model: str, *, weights: str, num_classes: int, image_size: int) -> Backbone:
+        b = super().build(model, weights=weights, num_classes=num_classes, image_size=image_size)
+        b.name = model
+        return b
+
+
+@pytest.mark.parametrize(("family", "weights", "check", "words"), [
+    (GoodFamily, "none", "check_all", None),
+    (NotExportable, "none", "check_exports_to_torchscript_and_onnx",
+     "does not export: "),
+    (MisnamedFamily, "none", "check_builds", "Backbone.name is 'net': set it to 'good:net'"),
+    (GoodFamily, "pretrained", "check_weights_sources",
+     "does not declare in weights_sources ('none',)"),
+])
+def test_conformance_suite_names_the_fix(family, weights, check, words) -> None:
+    from autotransfer.testing import backbone_family as suite
+
+    case = suite.BackboneCase(family, "net", weights=weights, image_size=16)
+    if words is None:
+        suite.check_all(case)  # the good family passes every check, export included
+        return
+    with pytest.raises(AssertionError, match=re.escape(words)):
+        getattr(suite, check)(case)

@@ -203,31 +203,13 @@ def export_trial(
         listed=spec.search.backbones,
     )
     model = backbone.model.eval()
-    size = spec.data.image_size
-    text = backbone.modality == "text"
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         with torch.no_grad():
             _write_weights(model, tmp / WEIGHTS_FILE, backbone.name)
-            if text:
-                backbone.preprocessing.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
-                example: Any = text_inputs(backbone.preprocessing, TRACE_TEXTS)
-                names: tuple[str, ...] = TEXT_INPUT_NAMES
-            else:
-                example = (
-                    torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)),
-                )
-                names = (INPUT_NAME,)
-            say("export: tracing TorchScript")
-            _write_torchscript(model, example, tmp / TORCHSCRIPT_FILE)
-            say("export: writing ONNX")
-            _write_onnx(model, example, tmp / ONNX_FILE, names)
-            if text:
-                verification = verify_text(model, tmp, backbone.preprocessing)
-            else:
-                verification = verify(model, tmp, size)
+        verification = write_programs(backbone, tmp, spec.data.image_size, say=say)
         config = build_config(study, trial, spec, backbone, classes, test, verification)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         (tmp / CARD_FILE).write_text(model_card(config), encoding="utf-8")
@@ -314,6 +296,50 @@ def text_inputs(pre: Any, texts: Any) -> tuple[Any, Any]:
     return batch["input_ids"], batch["attention_mask"]
 
 
+def write_programs(
+    backbone: Any,
+    out_dir: Path,
+    image_size: int,
+    *,
+    tolerance: float = PARITY_TOLERANCE,
+    say: Any = None,
+) -> dict[str, Any]:
+    """Write ``backbone``'s model as the two programs of an export (TorchScript
+    and ONNX, traced on a batch of two; a text model's tokenizer beside them)
+    into ``out_dir``, then run them against the model on another batch
+    (:func:`verify`, :func:`verify_text`). Returns the verification record.
+
+    The export's path, and the conformance suite's exportability check
+    (:mod:`autotransfer.testing.backbone_family`), with a tighter ``tolerance``.
+
+    Raises:
+        AutotransferError: a program differs from the model by more than
+            ``tolerance``, or the exported tokenizer encodes differently.
+        Exception: tracing or ONNX export failed (what torch raised).
+    """
+    import torch
+
+    say = say or (lambda _msg: None)
+    model = backbone.model.eval()
+    text = backbone.modality == "text"
+    with torch.no_grad():
+        if text:
+            backbone.preprocessing.tokenizer.save_pretrained(str(out_dir / TOKENIZER_DIR))
+            example: Any = text_inputs(backbone.preprocessing, TRACE_TEXTS)
+            names: tuple[str, ...] = TEXT_INPUT_NAMES
+        else:
+            g = torch.Generator().manual_seed(0)
+            example = (torch.randn(2, 3, image_size, image_size, generator=g),)
+            names = (INPUT_NAME,)
+        say("export: tracing TorchScript")
+        _write_torchscript(model, example, out_dir / TORCHSCRIPT_FILE)
+        say("export: writing ONNX")
+        _write_onnx(model, example, out_dir / ONNX_FILE, names)
+        if text:
+            return verify_text(model, out_dir, backbone.preprocessing, tolerance=tolerance)
+        return verify(model, out_dir, image_size, tolerance=tolerance)
+
+
 def _write_torchscript(model: Any, example: tuple[Any, ...], path: Path) -> None:
     import torch
 
@@ -346,21 +372,26 @@ def _write_onnx(
     onnx.checker.check_model(str(path))
 
 
-def verify(model: Any, export_dir: Path, image_size: int, batch: int = 3) -> dict[str, Any]:
+def verify(
+    model: Any, export_dir: Path, image_size: int, batch: int = 3,
+    tolerance: float = PARITY_TOLERANCE,
+) -> dict[str, Any]:
     """Run both exported programs and the model on one random batch (a batch size
     other than the traced one); max absolute logit differences.
 
     Raises:
-        AutotransferError: a difference exceeds :data:`PARITY_TOLERANCE`.
+        AutotransferError: a difference exceeds ``tolerance``.
     """
     import torch
 
     x = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(1))
-    diffs = _compare(model, export_dir, (x,), (INPUT_NAME,))
+    diffs = _compare(model, export_dir, (x,), (INPUT_NAME,), tolerance)
     return {"batch": batch, "input": "random normal", **diffs}
 
 
-def verify_text(model: Any, export_dir: Path, pre: Any) -> dict[str, Any]:
+def verify_text(
+    model: Any, export_dir: Path, pre: Any, tolerance: float = PARITY_TOLERANCE
+) -> dict[str, Any]:
     """:func:`verify` for a text model: a batch of texts of other lengths (and
     another batch size) than the traced ones, encoded by the exported tokenizer
     file with the ``tokenizers`` library, as a plain runtime would, and checked to
@@ -376,7 +407,7 @@ def verify_text(model: Any, export_dir: Path, pre: Any) -> dict[str, Any]:
             f"the exported {TOKENIZER_FILE} encodes texts differently from the model's "
             "tokenizer; report this with the backbone name"
         )
-    diffs = _compare(model, export_dir, (ids, mask), TEXT_INPUT_NAMES)
+    diffs = _compare(model, export_dir, (ids, mask), TEXT_INPUT_NAMES, tolerance)
     return {"batch": len(VERIFY_TEXTS), "sequence": int(ids.shape[1]), "input": "texts",
             "tokenizer": f"{TOKENIZER_FILE} (tokenizers library): same ids", **diffs}
 
@@ -402,7 +433,8 @@ def encode_plain(
 
 
 def _compare(
-    model: Any, export_dir: Path, inputs: tuple[Any, ...], names: tuple[str, ...]
+    model: Any, export_dir: Path, inputs: tuple[Any, ...], names: tuple[str, ...],
+    tolerance: float = PARITY_TOLERANCE,
 ) -> dict[str, Any]:
     """Max absolute logit differences of both programs from ``model`` on ``inputs``."""
     import onnxruntime as ort
@@ -423,10 +455,10 @@ def _compare(
         "onnx_max_abs_diff": float((onnx_out - ref).abs().max()),
     }
     for name, diff in diffs.items():
-        if not diff <= PARITY_TOLERANCE:
+        if not diff <= tolerance:
             raise AutotransferError(
                 f"exported program differs from the model: {name} = {diff:.2e} > "
-                f"{PARITY_TOLERANCE:g}; report this with the backbone name"
+                f"{tolerance:g}; report this with the backbone name"
             )
     return diffs
 

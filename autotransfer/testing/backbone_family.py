@@ -19,8 +19,12 @@ no downloads) unless the case names other weights, and checks the contract of
 :class:`autotransfer.backbones.Backbone`: forward and backward, blocks that cover
 every trunk parameter exactly once and leave out the head, freezing the first k
 blocks (:func:`autotransfer.backbones.freeze.freeze`), a head resized to ``num_classes``,
-``classify(features(x)) == model(x)`` in eval mode, valid preprocessing. A case
-is built once per test session and deep-copied for each test.
+``classify(features(x)) == model(x)`` in eval mode, valid preprocessing, a name
+``family:model``, declared weights sources, and exportability: the model with
+its new head traced to TorchScript and exported to ONNX by the export's own code
+(:func:`autotransfer.export.writer.write_programs`), both programs within
+:data:`EXPORT_TOLERANCE` of the model on another batch. A case is built once per
+test session and deep-copied for each test. Each failure says what to fix.
 
 Image backbones get random image batches; text backbones (``modality ==
 "text"``) get a few sentences encoded by their own tokenizer and padded
@@ -29,7 +33,8 @@ the model (token ids inside the vocabulary, max length inside the position
 embeddings).
 
 The ``check_*`` functions are the same checks as plain functions, for use
-outside pytest (``check_all(case)``).
+outside pytest: each returns None or raises ``AssertionError`` with the message;
+``check_all(case)`` runs them all in order and stops at the first failure.
 """
 
 from __future__ import annotations
@@ -38,7 +43,9 @@ import copy
 import fnmatch
 import functools
 import math
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -56,19 +63,27 @@ SENTENCES = (
 )
 """Text inputs of the checks (a batch takes the first ``batch`` of them, cycling)."""
 INTERPOLATIONS = frozenset({"nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"})
+"""The values ``Preprocessing.interpolation`` may take (PIL's resampling filters)."""
+EXPORT_TOLERANCE = 1e-4
+"""Largest absolute logit difference allowed between the model and its exported
+TorchScript and ONNX programs (the export itself refuses above 1e-3)."""
+NAMED_WEIGHTS = ("pretrained", "packaged", "none")
 
 __all__ = [
     "BackboneCase",
+    "EXPORT_TOLERANCE",
     "check_all",
     "test_backward_reaches_every_block",
     "test_blocks_cover_trunk_exactly_once",
     "test_builds",
+    "test_exports_to_torchscript_and_onnx",
     "test_features_classify_match_model",
     "test_forward_cpu",
     "test_freezing_k_blocks",
     "test_head_reset_changes_output_size",
     "test_list_models_filter",
     "test_preprocessing_is_valid",
+    "test_weights_sources",
 ]
 
 
@@ -85,6 +100,9 @@ class BackboneCase:
         num_classes: classes of the test head.
         batch: batch size of the test inputs.
         atol: tolerance of the ``classify(features(x)) == model(x)`` check.
+        export: run the exportability check (TorchScript and ONNX). Switch it
+            off only to save test time for a model whose export is checked
+            elsewhere: ``autotransfer export`` needs it.
     """
 
     family: type[BackboneFamily] | BackboneFamily | str
@@ -94,6 +112,7 @@ class BackboneCase:
     num_classes: int = 3
     batch: int = 2
     atol: float = 1e-4
+    export: bool = True
 
     @property
     def id(self) -> str:
@@ -141,10 +160,22 @@ def _params(model: nn.Module) -> dict[str, nn.Parameter]:
 def check_builds(case: BackboneCase) -> None:
     b = case.build()
     family = case.family_instance()
-    assert isinstance(b, Backbone), f"build() returned {type(b).__name__}, not Backbone"
-    assert b.name == f"{family.name}:{case.model}", f"name {b.name!r} is not family:model"
-    assert b.weights == case.weights
-    assert isinstance(b.model, nn.Module)
+    assert isinstance(b, Backbone), (
+        f"build() returned {type(b).__name__}: return an autotransfer.backbones.Backbone "
+        "wrapping the model"
+    )
+    expected = f"{family.name}:{case.model}"
+    assert b.name == expected, (
+        f"Backbone.name is {b.name!r}: set it to {expected!r} (family:model, the family's "
+        "name and the model name build() was given)"
+    )
+    assert b.weights == case.weights, (
+        f"Backbone.weights is {b.weights!r}: set it to the weights build() was given "
+        f"({case.weights!r})"
+    )
+    assert isinstance(b.model, nn.Module), (
+        f"Backbone.model is {type(b.model).__name__}: it must be a torch.nn.Module"
+    )
     assert b.blocks, "a backbone needs at least one trunk block"
     assert all(b.blocks), "empty block"
     assert b.head, "no head parameters"
@@ -310,13 +341,61 @@ def check_list_models_filter(case: BackboneCase) -> None:
     assert set(family.list_models(pattern)) == {n for n in names if fnmatch.fnmatch(n, pattern)}
 
 
+def check_weights_sources(case: BackboneCase) -> None:
+    family = case.family_instance()
+    sources = family.weights_sources
+    assert isinstance(sources, tuple) and sources, (
+        f"weights_sources is {sources!r}: declare a non-empty tuple of the named sources "
+        "the family accepts, e.g. ('pretrained', 'none')"
+    )
+    assert all(isinstance(s, str) and s and "/" not in s for s in sources), (
+        f"weights_sources {sources!r}: each source is a name (str without '/'); local "
+        "paths need no declaration"
+    )
+    if case.weights in NAMED_WEIGHTS or case.weights in sources:
+        assert case.weights in sources, (
+            f"the case builds with weights {case.weights!r}, which the family does not "
+            f"declare in weights_sources {sources!r}: add it there or choose another; "
+            "autotransfer refuses undeclared named sources before build()"
+        )
+
+
+def check_exports_to_torchscript_and_onnx(case: BackboneCase) -> None:
+    """The built model (with its new head) traces to TorchScript and exports to
+    ONNX through the export's own code, both within :data:`EXPORT_TOLERANCE`."""
+    from autotransfer.exceptions import AutotransferError
+    from autotransfer.export.writer import write_programs
+
+    if not case.export:
+        return
+    b = case.build()
+    with tempfile.TemporaryDirectory(prefix="autotransfer-conformance-") as tmp:
+        try:
+            diffs = write_programs(b, Path(tmp), case.image_size, tolerance=EXPORT_TOLERANCE)
+        except AutotransferError as exc:
+            raise AssertionError(
+                f"{case.id}: {exc}. The exported programs must compute what the model "
+                "computes in eval mode: no randomness or training-only branches in "
+                "eval, no Python decisions on tensor values"
+            ) from exc
+        except Exception as exc:
+            raise AssertionError(
+                f"{case.id} does not export: {type(exc).__name__}: {exc}. model(x) must "
+                "trace with torch.jit.trace and export with torch.onnx.export (opset "
+                "17): take tensors and return one logits tensor, no data-dependent "
+                "shapes or Python control flow on tensor values, only ONNX-exportable ops"
+            ) from exc
+    assert set(diffs) >= {"torchscript_max_abs_diff", "onnx_max_abs_diff"}
+
+
 def check_all(case: BackboneCase) -> None:
     """Every check, in order; raises AssertionError at the first failure."""
     for check in (
         check_builds, check_forward_cpu, check_backward_reaches_every_block,
         check_blocks_cover_trunk_exactly_once, check_freezing_k_blocks,
         check_head_reset_changes_output_size, check_features_classify_match_model,
-        check_preprocessing_is_valid, check_list_models_filter,
+        check_preprocessing_is_valid, check_list_models_filter, check_weights_sources,
+        check_exports_to_torchscript_and_onnx,
     ):
         check(case)
 
@@ -358,3 +437,11 @@ def test_preprocessing_is_valid(backbone_case: BackboneCase) -> None:
 
 def test_list_models_filter(backbone_case: BackboneCase) -> None:
     check_list_models_filter(backbone_case)
+
+
+def test_weights_sources(backbone_case: BackboneCase) -> None:
+    check_weights_sources(backbone_case)
+
+
+def test_exports_to_torchscript_and_onnx(backbone_case: BackboneCase) -> None:
+    check_exports_to_torchscript_and_onnx(backbone_case)
