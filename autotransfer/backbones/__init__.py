@@ -5,7 +5,9 @@ from autotransfer.backbones._base import (
     Backbone,
     BackboneFamily,
     Preprocessing,
+    SplitForward,
     TextPreprocessing,
 )
 
-__all__ = ["MODALITIES", "Backbone", "BackboneFamily", "Preprocessing", "TextPreprocessing"]
+__all__ = ["MODALITIES", "Backbone", "BackboneFamily", "Preprocessing",
+           "SplitForward", "TextPreprocessing"]

@@ -82,6 +82,36 @@ class TextPreprocessing:
             "tokenizer_sha256": self.fingerprint,
         }
 
+class SplitForward(abc.ABC):
+    """Optional capability: run a backbone's first ``k`` blocks, then the rest.
+
+    ``suffix(model, prefix(model, x, k), k)`` equals ``features(model, x)`` (the
+    pooled pre-logit features) in eval mode, for every ``k`` in :attr:`points`;
+    ``prefix(model, x, k)`` reads only the parameters (and buffers) of
+    ``blocks[:k]``. The trainer runs the frozen prefix once per input and keeps
+    its output (the feature cache); ``retention: distill``'s teacher runs only
+    the suffix. Both take the model as an argument (the teacher is a copy).
+
+    A family that does not provide it still works: its trials are not cached.
+    """
+
+    points: tuple[int, ...]
+    """The depths ``k`` (1 .. number of blocks, ascending) at which it splits."""
+
+    @abc.abstractmethod
+    def prefix(self, model: nn.Module, x: Any, k: int) -> Any:
+        """The output of ``blocks[:k]`` on input batch ``x``: a tensor whose first
+        dimension is the batch, or (text) a dict of such tensors."""
+
+    @abc.abstractmethod
+    def suffix(self, model: nn.Module, state: Any, k: int) -> torch.Tensor:
+        """The pooled features (batch, num_features) from a :meth:`prefix` output."""
+
+    def point_at_most(self, k: int) -> int:
+        """The deepest split point ``<= k`` (0: none; run the whole model)."""
+        return max((p for p in self.points if p <= k), default=0)
+
+
 @dataclass
 class Backbone:
     """A built backbone with a fresh head for the target classes.
@@ -108,6 +138,8 @@ class Backbone:
         modality: ``image`` (``model(x)`` takes a float NCHW batch) or ``text``
             (``model(input_ids, attention_mask)``, both (batch, length) int64;
             a batch is the dict of the two, see :mod:`autotransfer.data.batches`).
+        split: how to run the first k blocks and the rest apart
+            (:class:`SplitForward`), or None when the family cannot.
     """
 
     name: str
@@ -122,6 +154,7 @@ class Backbone:
     plugin: str = ""
     extra: dict[str, object] = field(default_factory=dict)
     modality: str = "image"
+    split: SplitForward | None = None
 
 
 class BackboneFamily(abc.ABC):

@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from autotransfer.backbones._base import Backbone, BackboneFamily, Preprocessing, TextPreprocessing
+from autotransfer.backbones._split import EncoderLayers, WholeTrunk
 from autotransfer.backbones._util import blocks_from_paths, expand, param_names
 from autotransfer.backbones.weights import SAFE_SUFFIXES, TORCH_SUFFIXES, load_state_dict_file
 from autotransfer.exceptions import BackboneError
@@ -143,11 +144,13 @@ def _backbone(
     """The :class:`Backbone` around ``net`` (an image or text classifier with a
     fresh ``classifier`` head), the same for both modalities."""
     head = param_names(net, "classifier")
+    blocks = _blocks(net, set(head))
     return Backbone(
         name=ref,
         weights=weights,
         model=net,
-        blocks=_blocks(net, set(head)),
+        blocks=blocks,
+        split=_split(net, blocks),
         head=head,
         features=_features,
         classify=_classify,
@@ -224,6 +227,30 @@ def _blocks(net: nn.Module, head: set[str]) -> list[list[str]]:
         else:
             paths.append(path)
     return blocks_from_paths(net, paths, head)
+
+
+def _split(net: nn.Module, blocks: list[list[str]]) -> EncoderLayers | WholeTrunk:
+    """Split before each encoder layer when ``blocks`` are the embeddings, then
+    the layers of one ModuleList in order (then anything after them); else only
+    after the whole trunk."""
+    whole = WholeTrunk(_features, len(blocks))
+    if len(blocks) < 2 or not all(n.startswith("backbone.embeddings.") for n in blocks[0]):
+        return whole
+    first = blocks[1][0].split(".")
+    path = next(
+        (".".join(first[:i]) for i in range(len(first) - 1, 0, -1)
+         if isinstance(net.get_submodule(".".join(first[:i])), nn.ModuleList)),
+        None,
+    )
+    if path is None:
+        return whole
+    layers = net.get_submodule(path)
+    n = len(layers)
+    if len(blocks) < n + 1 or any(
+        not all(name.startswith(f"{path}.{i}.") for name in blocks[i + 1]) for i in range(n)
+    ):
+        return whole
+    return EncoderLayers(_features, path, n, len(blocks))
 
 
 def _packaged_dir(model: str) -> Path:

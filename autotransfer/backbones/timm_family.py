@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from autotransfer.backbones._base import Backbone, BackboneFamily, Preprocessing
+from autotransfer.backbones._split import Method, Module, Step, steps_or_whole
 from autotransfer.backbones.weights import load_state_dict_file
 from autotransfer.exceptions import BackboneError
 from autotransfer.hookspecs import hookimpl
@@ -140,6 +141,7 @@ class TimmFamily(BackboneFamily):
             num_features=int(getattr(net, "head_hidden_size", None) or net.num_features),
             preprocessing=preprocessing,
             plugin=__name__,
+            split=steps_or_whole(net, blocks, _steps(net), _features),
             extra={"original_head": original_head if weights != "none" else None,
                    "original_classes": original_classes},
         )
@@ -156,6 +158,47 @@ def _blocks(model: nn.Module, head: set[str]) -> list[list[str]]:
     groups = group_parameters(model, model.group_matcher(coarse=False))
     blocks = [[n for n in names if n not in head] for _, names in sorted(groups.items())]
     return [b for b in blocks if b]
+
+
+_POOL = Step((), (Method("forward_head", (("pre_logits", True),)),))
+
+
+def _children(model: nn.Module, path: str) -> list[Step]:
+    """One step per child of the Sequential at ``path``."""
+    return [Step((f"{path}.{i}",), (Module(f"{path}.{i}"),))
+            for i in range(len(model.get_submodule(path)))]
+
+
+def _seq(model: nn.Module, path: str) -> list[Step]:
+    """One step per block of the Sequential of stages at ``path`` (``blocks.i.j``)."""
+    return [s for i in range(len(model.get_submodule(path)))
+            for s in _children(model, f"{path}.{i}")]
+
+
+def _steps(net: nn.Module) -> list[Step] | None:
+    """The split-forward steps of the timm classes written out here (their
+    ``forward_features``, then ``forward_head(pre_logits=True)``); other models
+    split only after the whole trunk."""
+    from timm.models.efficientnet import EfficientNet
+    from timm.models.resnet import ResNet
+    from timm.models.vision_transformer import VisionTransformer
+
+    if isinstance(net, EfficientNet):
+        stem = Step(("conv_stem", "bn1"), (Module("conv_stem"), Module("bn1")))
+        tail = Step(("conv_head", "bn2"), (Module("conv_head"), Module("bn2")))
+        return [stem, *_seq(net, "blocks"), tail, _POOL]
+    if isinstance(net, ResNet):
+        stem = Step(("conv1", "bn1"), tuple(Module(p) for p in ("conv1", "bn1", "act1", "maxpool")))
+        layers = [s for i in range(1, 5) for s in _children(net, f"layer{i}")]
+        return [stem, *layers, _POOL]
+    if isinstance(net, VisionTransformer):
+        stem = Step(
+            ("patch_embed", "cls_token", "pos_embed", "reg_token", "norm_pre"),
+            (Module("patch_embed"), Method("_pos_embed"), Module("patch_drop"),
+             Module("norm_pre")),
+        )
+        return [stem, *_children(net, "blocks"), Step(("norm",), (Module("norm"),)), _POOL]
+    return None
 
 
 @hookimpl

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from autotransfer.backbones._base import Backbone, BackboneFamily, Preprocessing
+from autotransfer.backbones._split import AllButLast, Module, Pool, Step, steps_or_whole
 from autotransfer.backbones._util import (
     HeadCall,
     HeadInput,
@@ -121,6 +122,23 @@ def _blocks(net: nn.Module, head: set[str]) -> list[list[str]]:
     else:
         paths = expand(net, "", depth=2)
     return blocks_from_paths(net, paths, head)
+
+
+def _steps(net: nn.Module) -> list[Step] | None:
+    """Split-forward steps of ResNet, MobileNetV3 and EfficientNet (their
+    ``forward`` up to the head's input); other models split only after the
+    whole trunk."""
+    from torchvision.models import EfficientNet, MobileNetV3, ResNet
+
+    if isinstance(net, ResNet):
+        stem = Step(("conv1", "bn1"), tuple(Module(p) for p in ("conv1", "bn1", "relu", "maxpool")))
+        layers = [Step((p,), (Module(p),)) for i in range(1, 5)
+                  for p in expand(net, "", depth=2) if p.startswith(f"layer{i}.")]
+        return [stem, *layers, Step((), (Pool(),))]
+    if isinstance(net, MobileNetV3 | EfficientNet):
+        trunk = [Step((p,), (Module(p),)) for p in expand(net.features, "features", depth=1)]
+        return [*trunk, Step(("classifier",), (Pool(), AllButLast("classifier")))]
+    return None
 
 
 def _load(
@@ -227,6 +245,7 @@ class TorchvisionFamily(BackboneFamily):
             num_features=int(original.in_features),
             preprocessing=preprocessing,
             plugin=__name__,
+            split=steps_or_whole(net, blocks, _steps(net), HeadInput(head_path)),
             extra={
                 "original_head": original
                 if state is not None and not model.startswith("squeezenet")

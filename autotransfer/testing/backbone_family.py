@@ -25,6 +25,9 @@ its new head traced to TorchScript and exported to ONNX by the export's own code
 (:func:`autotransfer.export.writer.write_programs`), both programs within
 :data:`EXPORT_TOLERANCE` of the model on another batch. A case is built once per
 test session and deep-copied for each test. Each failure says what to fix.
+A backbone that declares a split forward (:class:`autotransfer.backbones.SplitForward`)
+is also checked: prefix then suffix equals the whole forward within 1e-5 (fp32,
+eval mode) at every declared point, and the prefix reads only the first k blocks.
 
 Image backbones get random image batches; text backbones (``modality ==
 "text"``) get a few sentences encoded by their own tokenizer and padded
@@ -51,7 +54,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autotransfer.backbones import MODALITIES, Backbone, BackboneFamily, TextPreprocessing
+from autotransfer.backbones import (
+    MODALITIES,
+    Backbone,
+    BackboneFamily,
+    SplitForward,
+    TextPreprocessing,
+)
 from autotransfer.backbones.freeze import freeze, freeze_depth, train_mode
 from autotransfer.data.batches import Batch, forward, pad
 
@@ -84,7 +93,11 @@ __all__ = [
     "test_list_models_filter",
     "test_preprocessing_is_valid",
     "test_weights_sources",
+    "test_split_forward_matches_whole",
 ]
+
+SPLIT_ATOL = 1e-5
+"""Tolerance of prefix-then-suffix against the whole forward (fp32, eval mode)."""
 
 
 @dataclass(frozen=True)
@@ -288,6 +301,52 @@ def check_features_classify_match_model(case: BackboneCase) -> None:
     )
 
 
+def check_split_forward_matches_whole(case: BackboneCase) -> None:
+    """For every declared point k: ``suffix(prefix(x, k), k) == features(x)``
+    within :data:`SPLIT_ATOL`, and the prefix does not change when the
+    parameters of ``blocks[k:]`` and the head do (it reads only the first k
+    blocks). A backbone without a split forward passes."""
+    b = case.build()
+    split = b.split
+    if split is None:
+        return
+    assert isinstance(split, SplitForward), f"split is a {type(split).__name__}"
+    points = list(split.points)
+    n = len(b.blocks)
+    assert points == sorted(set(points)), f"split points {points} not ascending and unique"
+    assert all(1 <= k <= n for k in points), f"split points {points} outside 1..{n}"
+    b.model.eval()
+    x = case.inputs()
+    with torch.no_grad():
+        whole = b.features(b.model, x).float()
+        prefixes = {}
+        for k in points:
+            state = split.prefix(b.model, x, k)
+            got = split.suffix(b.model, state, k).float()
+            assert got.shape == whole.shape, f"k={k}: suffix shape {tuple(got.shape)}"
+            err = (got - whole).abs().max().item()
+            assert err <= SPLIT_ATOL, f"k={k}: prefix then suffix differs by {err:.2e}"
+            prefixes[k] = state
+        params = _params(b.model)
+        for k in points:
+            later = {name for block in b.blocks[k:] for name in block} | set(b.head)
+            saved = {name: params[name].detach().clone() for name in later}
+            for name in later:
+                params[name].add_(1.0)
+            again = split.prefix(b.model, x, k)
+            for name in later:
+                params[name].copy_(saved[name])
+            for a, c in zip(_tensors(prefixes[k]), _tensors(again), strict=True):
+                assert torch.equal(a, c), f"k={k}: the prefix reads parameters of later blocks"
+
+
+def _tensors(state: object) -> list[torch.Tensor]:
+    if isinstance(state, dict):
+        return [state[key] for key in sorted(state)]
+    assert isinstance(state, torch.Tensor), f"a prefix state is a {type(state).__name__}"
+    return [state]
+
+
 def check_preprocessing_is_valid(case: BackboneCase) -> None:
     b = case.build()
     pre = b.preprocessing
@@ -396,6 +455,7 @@ def check_all(case: BackboneCase) -> None:
         check_head_reset_changes_output_size, check_features_classify_match_model,
         check_preprocessing_is_valid, check_list_models_filter, check_weights_sources,
         check_exports_to_torchscript_and_onnx,
+        check_split_forward_matches_whole,
     ):
         check(case)
 
@@ -445,3 +505,7 @@ def test_weights_sources(backbone_case: BackboneCase) -> None:
 
 def test_exports_to_torchscript_and_onnx(backbone_case: BackboneCase) -> None:
     check_exports_to_torchscript_and_onnx(backbone_case)
+
+
+def test_split_forward_matches_whole(backbone_case: BackboneCase) -> None:
+    check_split_forward_matches_whole(backbone_case)
