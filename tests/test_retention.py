@@ -100,8 +100,8 @@ def _run(plugin_host, spec, splits, alpha: float, source=None, zero_retention=Fa
     if trainer.retention is not None:
         real = trainer.retention.loss
 
-        def spy(x, features):
-            value = real(x, features)
+        def spy(x, features, point=0):
+            value = real(x, features, point)
             calls.append(value.detach())
             return value * 0 if zero_retention else value
 

@@ -20,14 +20,41 @@ def normalise(images: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
     return (images.float().div_(255.0) - mean) / std
 
 
-def augment(x: torch.Tensor, spec: AugmentSpec, generator: torch.Generator) -> torch.Tensor:
+DRAWS = 5
+"""Uniform numbers one image's augmentation takes (area, ratio, x, y, flip)."""
+
+
+def is_identity(spec: AugmentSpec) -> bool:
+    """Whether ``spec`` leaves images unchanged (no crop, no flip)."""
+    return spec.crop_scale == (1.0, 1.0) and not spec.flip
+
+
+def augmentation_plan(n: int, seed: int, view: int) -> torch.Tensor:
+    """The uniform draws (n, :data:`DRAWS`) of augmented view ``view`` of ``n``
+    images: the same for every trial with the same seed, so a view's features can
+    be computed once (the feature cache) and match an uncached epoch's."""
+    g = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(view)) % 2**63)
+    return torch.rand((n, DRAWS), generator=g)
+
+
+def augment(
+    x: torch.Tensor,
+    spec: AugmentSpec,
+    generator: torch.Generator | None = None,
+    draws: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Random resized crop (area in ``spec.crop_scale``, aspect ratio 3/4..4/3)
-    and optional horizontal flip, per sample, as one ``grid_sample`` call."""
+    and optional horizontal flip, per sample, as one ``grid_sample`` call. The
+    randomness: ``draws`` (n, :data:`DRAWS`) uniforms (a slice of
+    :func:`augmentation_plan`), or drawn from ``generator``."""
     n = x.shape[0]
     lo, hi = spec.crop_scale
-    if lo == hi == 1.0 and not spec.flip:
+    if is_identity(spec):
         return x
-    u = torch.rand((n, 5), generator=generator).to(x.device)
+    if draws is None:
+        assert generator is not None, "augment needs a generator or draws"
+        draws = torch.rand((n, DRAWS), generator=generator)
+    u = draws.to(x.device)
     area = lo + (hi - lo) * u[:, 0]
     log_ratio = (u[:, 1] * 2 - 1) * torch.log(torch.tensor(4 / 3))
     ratio = torch.exp(log_ratio.to(x.device))

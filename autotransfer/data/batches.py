@@ -28,9 +28,12 @@ def make_batch(
     backbone: Backbone,
     augment_spec: AugmentSpec | None = None,
     generator: torch.Generator | None = None,
+    draws: torch.Tensor | None = None,
 ) -> Batch:
     """The inputs of ``data[idx]`` for ``backbone``; images are augmented when
-    ``augment_spec`` and ``generator`` are given (training), texts never are."""
+    ``augment_spec`` and ``generator`` or ``draws`` (the batch's rows of an
+    :func:`~autotransfer.data.augment.augmentation_plan`) are given (training),
+    texts never are."""
     pre = backbone.preprocessing
     if isinstance(data, TextSet):
         if not isinstance(pre, TextPreprocessing):
@@ -41,8 +44,8 @@ def make_batch(
     if isinstance(pre, TextPreprocessing):
         raise TypeError(f"{backbone.name} is a text backbone; it cannot read images")
     x = normalise(data.images[idx], pre)
-    if augment_spec is not None and generator is not None:
-        x = augment(x, augment_spec, generator)
+    if augment_spec is not None and (generator is not None or draws is not None):
+        x = augment(x, augment_spec, generator, draws)
     return x
 
 

@@ -32,7 +32,9 @@ class Retention:
         """Extra trainable parameters (e.g. a source head)."""
         return []
 
-    def loss(self, x: Batch, features: torch.Tensor) -> torch.Tensor:
+    def loss(self, x: Batch, features: torch.Tensor, point: int = 0) -> torch.Tensor:
+        """L_pre of a batch: ``x`` is the model's input, or with ``point`` > 0 the
+        output of the backbone's first ``point`` (frozen) blocks on it."""
         raise NotImplementedError
 
 
@@ -45,20 +47,28 @@ class L2SP(Retention):
             if p.requires_grad and n not in head
         ]
 
-    def loss(self, x: Batch, features: torch.Tensor) -> torch.Tensor:
+    def loss(self, x: Batch, features: torch.Tensor, point: int = 0) -> torch.Tensor:
         if not self.params:
             return features.new_zeros(())
         return sum((p - p0).pow(2).sum() for p, p0 in self.params)  # type: ignore[return-value]
 
 
 class Distill(Retention):
+    """The teacher is the pretrained model; teacher and student share the frozen
+    prefix, so given the prefix's output (``point`` > 0) the teacher runs only
+    the blocks after it (:class:`autotransfer.backbones.SplitForward`)."""
+
     def __init__(self, backbone: Backbone) -> None:
         self.backbone = backbone
         self.teacher = copy.deepcopy(backbone.model).eval().requires_grad_(False)
 
-    def loss(self, x: Batch, features: torch.Tensor) -> torch.Tensor:
+    def loss(self, x: Batch, features: torch.Tensor, point: int = 0) -> torch.Tensor:
         with torch.no_grad():
-            target = self.backbone.features(self.teacher, x)
+            if point:
+                assert self.backbone.split is not None
+                target = self.backbone.split.suffix(self.teacher, x, point)
+            else:
+                target = self.backbone.features(self.teacher, x)
         return F.mse_loss(features, target)
 
 
@@ -88,11 +98,11 @@ class SourceTask(Retention):
                 idx = order[i : i + self.batch_size]
                 yield self.source.images[idx], self.source.labels[idx]
 
-    def loss(self, x: Batch, features: torch.Tensor) -> torch.Tensor:
+    def loss(self, x: Batch, features: torch.Tensor, point: int = 0) -> torch.Tensor:
         images, labels = next(self._batches)
-        xs = normalise(images.to(x.device), self.backbone.preprocessing)
+        xs = normalise(images.to(features.device), self.backbone.preprocessing)
         logits = self.head(self.backbone.features(self.backbone.model, xs))
-        return F.cross_entropy(logits, labels.to(x.device))
+        return F.cross_entropy(logits, labels.to(features.device))
 
 
 def make_retention(

@@ -8,6 +8,7 @@ weights of its best epoch (by validation accuracy), not its last.
 from __future__ import annotations
 
 import gc
+import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -19,8 +20,10 @@ import torch.nn.functional as F
 
 from autotransfer.backbones import Backbone
 from autotransfer.backbones.freeze import freeze, freeze_depth, train_mode
+from autotransfer.data.augment import augmentation_plan, is_identity
 from autotransfer.data.batches import Batch, forward, make_batch, take
 from autotransfer.data.datasets import Dataset, ImageSet, Splits
+from autotransfer.engine.feature_cache import CacheKey, FeatureCache, prefix_fingerprint
 from autotransfer.engine.retention import make_retention
 from autotransfer.exceptions import AutotransferError
 from autotransfer.spec.model import StudySpec
@@ -98,9 +101,13 @@ def evaluate(
     data: Dataset,
     batch_size: int = 256,
     on_batch: Callable[[], None] | None = None,
+    states: torch.Tensor | None = None,
+    point: int = 0,
 ) -> Metrics:
     """Accuracy, macro-F1 and mean cross-entropy of ``backbone`` on ``data``
-    (``on_batch`` is called after each batch: a sign of progress)."""
+    (``on_batch`` is called after each batch: a sign of progress). With
+    ``states``, the outputs of the backbone's first ``point`` blocks on every
+    row of ``data`` (the feature cache), only the rest of the model runs."""
     model = backbone.model
     was_training = model.training
     model.eval()
@@ -108,9 +115,13 @@ def evaluate(
     confusion = torch.zeros((n_classes, n_classes), dtype=torch.long)
     total_loss = 0.0
     for i in range(0, len(data), batch_size):
-        x = make_batch(data, slice(i, i + batch_size), backbone)
         y = data.labels[i : i + batch_size]
-        logits = forward(model, x).float()
+        if states is not None:
+            assert backbone.split is not None
+            h = backbone.split.suffix(model, states[i : i + batch_size], point)
+            logits = backbone.classify(model, h).float()
+        else:
+            logits = forward(model, make_batch(data, slice(i, i + batch_size), backbone)).float()
         total_loss += F.cross_entropy(logits, y, reduction="sum").item()
         pred = logits.argmax(1)
         confusion += torch.bincount(y * n_classes + pred, minlength=n_classes**2).view(
@@ -141,6 +152,18 @@ class Trainer:
         spec: the study spec (epochs, optimizer, retention, augmentation).
         seed: seeds head init happened before; seeds batch order and augmentation.
         source: the source set, for ``retention: source``.
+        cache: the worker's feature cache (None: off).
+
+    With a split forward (:attr:`Backbone.split`) and ``j`` > 0, the deepest split
+    point at or below the frozen depth, each batch runs the first ``j`` blocks
+    without gradients in eval mode, then the rest; ``retention: distill``'s
+    teacher runs only the rest, on the same prefix output. With a cache, those
+    prefix outputs come from it: validation once, training images as
+    ``train.feature_cache_views`` augmented views, epoch e on view
+    ``(e - 1) mod views``. Epoch e's augmentation is view ``e - 1`` of
+    :func:`~autotransfer.data.augment.augmentation_plan` either way, so a
+    cached trial with as many views as epochs trains on the same inputs as an
+    uncached one.
     """
 
     def __init__(
@@ -151,15 +174,36 @@ class Trainer:
         spec: StudySpec,
         seed: int,
         source: ImageSet | None = None,
+        cache: FeatureCache | None = None,
     ) -> None:
         self.backbone = backbone
         self.splits = splits
         self.params = params
         self.spec = spec
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.n_blocks = len(backbone.blocks)
         self.k_frozen = freeze_depth(params.freeze, self.n_blocks)
         self.frozen_norms = freeze(backbone.model, backbone.blocks, self.k_frozen)
+        split = backbone.split
+        self.point = split.point_at_most(self.k_frozen) if split is not None else 0
+        """Blocks run as a prefix (no gradients, eval mode); 0: none."""
+        self.augment = None if is_identity(spec.data.augment) else spec.data.augment
+        self.cache = cache if self.point else None
+        self.views = 1 if self.augment is None else spec.train.feature_cache_views
+        """Training views cached (used when the cache holds this trial's features)."""
+        self.features_cached = False
+        """Whether the last epoch's training features came from the cache."""
+        self._key: dict[str, object] = {}
+        if self.cache is not None:
+            self._key = {
+                "backbone": backbone.name,
+                "weights": backbone.weights,
+                "prefix_sha256": prefix_fingerprint(backbone.model, backbone.blocks, self.point),
+                "point": self.point,
+                "preprocessing": json.dumps(backbone.preprocessing.to_dict(), sort_keys=True),
+                "data": spec.data.model_dump_json(exclude={"augment"}),
+            }
         self.retention = (
             make_retention(
                 spec.retention,
@@ -202,15 +246,75 @@ class Trainer:
             return torch.optim.SGD(params, lr=self.params.lr, momentum=0.9, weight_decay=wd)
         return torch.optim.AdamW(params, lr=self.params.lr, weight_decay=wd)
 
+    @torch.no_grad()
+    def _prefix(self, x: Batch) -> Batch:
+        """The first :attr:`point` blocks on ``x``, in eval mode, no gradients."""
+        model = self.backbone.model
+        was_training = model.training
+        model.eval()
+        try:
+            assert self.backbone.split is not None
+            return self.backbone.split.prefix(model, x, self.point)
+        finally:
+            if was_training:
+                train_mode(model, self.frozen_norms)
+
+    def _cached(self, split: str, view: int | None) -> torch.Tensor | None:
+        """The cached prefix outputs of every row of ``split`` (training view
+        ``view``, or None: unaugmented), computed now if missing; None when the
+        cache cannot hold them."""
+        if self.cache is None:
+            return None
+        data = getattr(self.splits, split)
+        draws = (
+            augmentation_plan(len(data), self.seed, view)
+            if view is not None and self.augment is not None
+            else None
+        )
+        name = "eval"
+        if draws is not None and self.augment is not None:
+            name = f"train:{self.seed}:{view}:{self.augment.model_dump_json()}"
+        key = CacheKey(**self._key, split=split, view=name)  # type: ignore[arg-type]
+        size = self.eval_batch_size
+
+        def batches() -> Iterator[tuple[slice, torch.Tensor]]:
+            for i in range(0, len(data), size):
+                rows = slice(i, i + size)
+                x = make_batch(data, rows, self.backbone, self.augment,
+                               draws=draws[rows] if draws is not None else None)
+                state = self._prefix(x)
+                if not isinstance(state, torch.Tensor):  # a text model's dict: not cached
+                    self.cache = None
+                    return
+                yield rows, state
+                if self.on_batch is not None:
+                    self.on_batch()
+
+        return self.cache.get_or_compute(key, len(data), batches)
+
     def _train_epoch(self) -> float:
         model = self.backbone.model
         train_mode(model, self.frozen_norms)
         data = self.splits.train
         order = torch.randperm(len(data), generator=self.generator)
+        epoch = self.epoch + 1
+        states = self._cached("train", (epoch - 1) % self.views)
+        self.features_cached = states is not None
+        draws = (
+            augmentation_plan(len(data), self.seed, epoch - 1)
+            if states is None and self.augment is not None and data.modality == "image"
+            else None
+        )
         total, count = 0.0, 0
         for step, i in enumerate(range(0, len(order), self.params.batch_size)):
             idx = order[i : i + self.params.batch_size]
-            x = make_batch(data, idx, self.backbone, self.spec.data.augment, self.generator)
+            if states is not None:
+                x: Batch = states[idx]
+            else:
+                x = make_batch(data, idx, self.backbone, self.augment,
+                               draws=draws[idx] if draws is not None else None)
+                if self.point:
+                    x = self._prefix(x)
             y = data.labels[idx]
             while True:
                 try:
@@ -235,7 +339,8 @@ class Trainer:
         return total / max(1, count)
 
     def _step(self, x: Batch, y: torch.Tensor, step: int) -> float:
-        """Forward and backward of one optimiser batch, in micro-batches of at most
+        """Forward and backward of one optimiser batch (``x``: the model's inputs,
+        or with :attr:`point` > 0 the prefix's outputs), in micro-batches of at most
         ``micro_batch_size`` with the gradients accumulated: each micro-batch's mean
         loss is weighted by its share of the batch, so the gradient (and the
         sampled ``batch_size``, the learning-rate schedule and the steps per epoch)
@@ -246,11 +351,16 @@ class Trainer:
         for j in range(0, n, self.micro_batch_size):
             xb = take(x, slice(j, j + self.micro_batch_size))
             yb = y[j : j + self.micro_batch_size]
-            features = self.backbone.features(model, xb)
+            if self.point:
+                assert self.backbone.split is not None
+                features = self.backbone.split.suffix(model, xb, self.point)
+            else:
+                features = self.backbone.features(model, xb)
             logits = self.backbone.classify(model, features)
             loss = F.cross_entropy(logits, yb, label_smoothing=self.spec.train.label_smoothing)
             if self.retention is not None:
-                loss = alpha * self.retention.loss(xb, features) + (1 - alpha) * loss
+                retained = self.retention.loss(xb, features, self.point)
+                loss = alpha * retained + (1 - alpha) * loss
             if not torch.isfinite(loss):
                 raise TrialError(
                     "non_finite",
@@ -370,8 +480,10 @@ class Trainer:
         out-of-memory (down to 1; then the trial fails with reason ``oom``)."""
         while True:
             try:
+                states = self._cached("val", None)
                 return evaluate(
-                    self.backbone, self.splits.val, self.eval_batch_size, self.on_batch
+                    self.backbone, self.splits.val, self.eval_batch_size, self.on_batch,
+                    states=states, point=self.point,
                 )
             except Exception as exc:  # noqa: BLE001 - re-raised unless it is an OOM
                 if not is_out_of_memory(exc):

@@ -317,6 +317,26 @@ class TrainSpec(_Model):
         description="seconds a trial may go without finishing a batch; then the watchdog "
         "ends it with reason timeout",
     )
+    feature_cache: bool | float = Field(
+        True,
+        description="keep the output of a trial's frozen blocks and reuse it across epochs "
+        "and trials: true (within half the free memory), a budget in GiB, or false (off)",
+    )
+    feature_cache_views: int = Field(
+        1, ge=1, le=1000,
+        description="augmented views of the training images whose frozen features are "
+        "cached; epoch e trains on view (e - 1) mod views",
+    )
+
+    @field_validator("feature_cache")
+    @classmethod
+    def _cache(cls, v: bool | float) -> bool | float:
+        if not isinstance(v, bool) and not v > 0:
+            raise ValueError(
+                f"a feature cache budget is a size in GiB > 0, got {v}; or true (automatic) "
+                "or false (off)"
+            )
+        return v
 
 
 class RecoverySpec(_Model):

@@ -22,6 +22,7 @@ from optuna.artifacts._protocol import ArtifactStore
 
 from autotransfer.data.batches import fit_to_data
 from autotransfer.data.datasets import ImageSet, Splits
+from autotransfer.engine.feature_cache import FeatureCache
 from autotransfer.engine.trainer import Trainer, TrialError, TrialParams
 from autotransfer.exceptions import AutotransferError
 from autotransfer.plugins.host import PluginHost
@@ -33,10 +34,13 @@ from autotransfer.store.records import (
     EPOCHS_RUN_ATTR,
     FAIL_MESSAGE_ATTR,
     FAIL_REASON_ATTR,
+    FEATURE_VIEWS_ATTR,
+    FEATURES_CACHED_ATTR,
     FROZEN_BLOCKS_ATTR,
     MICRO_BATCH_SIZE_ATTR,
     N_BLOCKS_ATTR,
     OOM_EVENTS_ATTR,
+    PREFIX_BLOCKS_ATTR,
     PRUNED_AT_EPOCH_ATTR,
     RESUME_EPOCH_ATTR,
     RESUME_STATE_ATTR,
@@ -95,6 +99,9 @@ def _record_batch(trial: optuna.Trial, trainer: Trainer) -> None:
     trial.set_user_attr(MICRO_BATCH_SIZE_ATTR, trainer.micro_batch_size)
     if trainer.oom_events:
         trial.set_user_attr(OOM_EVENTS_ATTR, trainer.oom_events)
+    trial.set_user_attr(FEATURES_CACHED_ATTR, trainer.features_cached)
+    if trainer.features_cached:
+        trial.set_user_attr(FEATURE_VIEWS_ATTR, trainer.views)
 
 
 class Objective:
@@ -116,6 +123,12 @@ class Objective:
         self.progress = progress
         self.source = source
         self.refs = {b.key: b for b in spec.search.backbones}
+        budget = spec.train.feature_cache
+        # One feature cache per worker: every trial of this process shares it.
+        self.cache = (
+            None if budget is False
+            else FeatureCache(None if budget is True else float(budget))
+        )
 
     def __call__(self, trial: optuna.Trial) -> float:
         try:
@@ -131,6 +144,7 @@ class Objective:
         trainer = self._trainer(trial, params, ref)
         trial.set_user_attr(N_BLOCKS_ATTR, trainer.n_blocks)
         trial.set_user_attr(FROZEN_BLOCKS_ATTR, trainer.k_frozen)
+        trial.set_user_attr(PREFIX_BLOCKS_ATTR, trainer.point)
         self.progress.trial_started(trial.number, params, trainer.k_frozen, trainer.n_blocks)
         if not self._resume(trial, trainer):
             trainer = self._trainer(trial, params, ref)  # a clean start, not half-restored
@@ -192,7 +206,8 @@ class Objective:
                 f"{plugin_label(self.host, ref.family)})",
             ) from exc
         fit_to_data(backbone, self.spec.data)
-        return Trainer(backbone, self.splits, params, self.spec, self.spec.seed, self.source)
+        return Trainer(backbone, self.splits, params, self.spec, self.spec.seed, self.source,
+                       cache=self.cache)
 
     def _train(self, trial: optuna.Trial, trainer: Trainer, start: float) -> None:
         for result in trainer.epochs():
