@@ -94,7 +94,22 @@ def test_trials_json(cli_study) -> None:
     assert out["study"] == "cli-tiny"
     assert out["best_trial"] == searched["best_trial"]
     assert out["trials"] == searched["trials"]
-    assert out["test_metrics"][str(out["best_trial"])]["accuracy"] == searched["test"]["accuracy"]
+    test = out["test_metrics"][str(out["best_trial"])]
+    assert test == searched["test"] and test["accuracy"] == searched["test"]["accuracy"]
+    # Per class: precision, recall, F1 and support, and the confusion matrix (rows: true
+    # class, columns: predicted), consistent with the accuracy over the 9 test images.
+    assert test["classes"] == ["blue", "green", "red"] and test["n"] == 9
+    assert [m["support"] for m in test["per_class"].values()] == [3, 3, 3]
+    confusion = test["confusion"]
+    assert [sum(row) for row in confusion] == [3, 3, 3]
+    assert sum(confusion[i][i] for i in range(3)) / 9 == pytest.approx(test["accuracy"])
+    for i, name in enumerate(test["classes"]):
+        m = test["per_class"][name]
+        assert m["recall"] == pytest.approx(confusion[i][i] / 3)
+        predicted = sum(row[i] for row in confusion)
+        assert m["precision"] == pytest.approx(confusion[i][i] / predicted if predicted else 0)
+    f1 = [m["f1"] for m in test["per_class"].values()]
+    assert sum(f1) / 3 == pytest.approx(test["macro_f1"])
     expected_keys = {"number", "state", "value", "params", "frozen_blocks", "n_blocks",
                      "val_accuracy", "val_f1", "best_epoch", "epochs_run", "pruned_at_epoch",
                      "fail_reason", "seconds", "checkpoint"}

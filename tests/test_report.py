@@ -22,7 +22,8 @@ from typer.testing import CliRunner
 from autotransfer.cli import app
 from autotransfer.report.page import render_report
 
-PLOT_IDS = ["plot-history", "plot-importances", "plot-backbones", "plot-curves", "plot-parallel"]
+PLOT_IDS = ["plot-confusion", "plot-history", "plot-importances", "plot-backbones",
+            "plot-curves", "plot-parallel"]
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +51,8 @@ def pages(studies: dict[str, Any]) -> dict[str, Path]:
 
 def test_full_report_has_every_section(pages: dict[str, Path]) -> None:
     page = pages["full"].read_text(encoding="utf-8")
-    for section in ("summary", "history", "importances", "backbones", "curves", "parallel",
-                    "trials"):
+    for section in ("summary", "test", "history", "importances", "backbones", "curves",
+                    "parallel", "trials"):
         assert f'<section id="{section}">' in page
     for div in PLOT_IDS:
         assert f'id="{div}"' in page
@@ -61,7 +62,14 @@ def test_full_report_has_every_section(pages: dict[str, Path]) -> None:
     assert re.search(r"<script[^>]*\ssrc=", page) is None
     # The study summary: spec name, counts by state, best trial and its test metrics.
     assert "synthetic" in page and "12 (8 complete, 1 fail, 3 pruned)" in page
-    assert "test accuracy</dt><dd>0.9123" in page
+    assert "test accuracy</dt><dd>0.9126" in page  # 982 of 1,076
+    # The test set per class: a row per class, and the confusion matrix.
+    table = page.split('id="per-class-table"', 1)[1].split("</table>", 1)[0]
+    assert table.count("<tr>") == 11  # the header and 10 classes
+    # class 1: 99 of its 108 right; predicted 1 109 times (99 right, 10 of class 0).
+    assert '<td class="l">1</td><td>0.9083</td><td>0.9167</td><td>0.9124</td><td>108</td>' in (
+        table)
+    assert "Confusion matrix of trial" in page
     # The table: one row per trial; the pruned ones say when.
     assert page.count("<tr class=") == 12
     assert "Pruned: trial 3 at epoch 2, trial 7 at epoch 2, trial 11 at epoch 2." in page
@@ -145,6 +153,9 @@ def test_report_renders_in_a_browser(browser: Browser, pages: dict[str, Path]) -
             parallel: document.querySelectorAll('#plot-parallel .scatterlayer .trace').length,
             axes: document.querySelectorAll('#plot-parallel .annotation-text').length,
             rows: document.querySelectorAll('#trials-table tbody tr').length,
+            heatmap: document.querySelectorAll('#plot-confusion .hm image').length,
+            cells: (document.getElementById('plot-confusion')._fullData[0].z || []).length,
+            classes: document.querySelectorAll('#per-class-table tbody tr').length,
         })"""
     )
     assert counts["history"] >= 8  # 8 complete trials (plus best-value markers, if any)
@@ -154,6 +165,7 @@ def test_report_renders_in_a_browser(browser: Browser, pages: dict[str, Path]) -
     assert counts["parallel"] >= 8  # a line per completed trial (optuna draws them as scatter)
     assert counts["axes"] >= 5  # backbone, freeze, lr, alpha and the objective
     assert counts["rows"] == 12
+    assert counts["heatmap"] == 1 and counts["cells"] == 10 and counts["classes"] == 10
 
 
 def test_sparse_reports_render_in_a_browser(browser: Browser, pages: dict[str, Path]) -> None:

@@ -132,3 +132,19 @@ def test_very_high_lr_fails_the_trial_with_a_reason(
     t = study.trials[0]
     assert t.state == optuna.trial.TrialState.FAIL
     assert t.user_attrs["fail_reason"] == "non_finite"
+
+
+def test_per_class_metrics_and_the_confusion_matrix() -> None:
+    from autotransfer.engine.trainer import Metrics
+
+    # 3 classes: 'a' all right, 'b' half taken for 'a', 'c' never predicted.
+    m = Metrics(accuracy=0.5, macro_f1=0.0, loss=0.0, confusion=[[2, 0, 0], [1, 1, 0],
+                                                                 [0, 2, 0]])
+    per_class = m.per_class(["a", "b", "c"])
+    assert per_class["a"] == {"precision": 2 / 3, "recall": 1.0, "f1": 0.8, "support": 2}
+    assert per_class["b"]["precision"] == 1 / 3 and per_class["b"]["recall"] == 0.5
+    assert per_class["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 2}
+    record = m.record(["a", "b", "c"])
+    assert record["n"] == 6 and record["classes"] == ["a", "b", "c"]
+    assert record["confusion"] == [[2, 0, 0], [1, 1, 0], [0, 2, 0]]
+    assert Metrics(0.5, 0.5, 0.1).per_class(["a"]) == {}  # no matrix (an old epoch state)

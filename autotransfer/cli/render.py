@@ -13,6 +13,9 @@ from autotransfer.store.studies import test_metrics
 from autotransfer.store.summary import best_per_backbone, trial_records, trials_table
 from autotransfer.tuning.search import SearchOutcome
 
+MAX_CLASSES_SHOWN = 20
+"""The search's summary lists the test figures of at most this many classes."""
+
 
 def _stdout() -> Console:
     return Console(width=None if sys.stdout.isatty() else 160, highlight=False, soft_wrap=False)
@@ -66,6 +69,19 @@ def print_search_outcome(outcome: SearchOutcome, as_json: bool) -> None:
         f"test_acc {outcome.test['accuracy']:.3f}  test_f1 {outcome.test['macro_f1']:.3f}  "
         f"(test n={outcome.test['n']})"
     )
+    per_class = outcome.test.get("per_class") or {}
+    if per_class:
+        console.print("  test precision / recall / F1 per class:")
+        for name, m in list(per_class.items())[:MAX_CLASSES_SHOWN]:
+            console.print(
+                f"    {name:<24} {m['precision']:.3f} / {m['recall']:.3f} / {m['f1']:.3f}  "
+                f"(n={m['support']})"
+            )
+        if len(per_class) > MAX_CLASSES_SHOWN:
+            console.print(
+                f"    ... {len(per_class) - MAX_CLASSES_SHOWN} more classes: see "
+                "`autotransfer trials --json` or `autotransfer report`"
+            )
     console.print("best val_acc per backbone:")
     for name, acc in sorted(per_backbone.items(), key=lambda kv: -kv[1]):
         console.print(f"  {name:<48} {acc:.3f}")

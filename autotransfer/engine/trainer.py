@@ -84,6 +84,38 @@ class Metrics:
     accuracy: float
     macro_f1: float
     loss: float
+    confusion: list[list[int]] | None = None
+    """``confusion[i][j]``: examples of class i predicted as class j (label order)."""
+
+    def per_class(self, classes: list[str]) -> dict[str, dict[str, float | int]]:
+        """Precision, recall, F1 and support of each class, by class name (0 where
+        a class is never predicted, or has no examples)."""
+        if self.confusion is None:
+            return {}
+        cm = torch.tensor(self.confusion, dtype=torch.float64)
+        tp = cm.diag()
+        precision = tp / cm.sum(0).clamp(min=1)
+        recall = tp / cm.sum(1).clamp(min=1)
+        f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall),
+                         0.0)
+        return {
+            name: {"precision": float(precision[i]), "recall": float(recall[i]),
+                   "f1": float(f1[i]), "support": int(cm[i].sum())}
+            for i, name in enumerate(classes)
+        }
+
+    def record(self, classes: list[str]) -> dict[str, Any]:
+        """The stored form of test metrics: accuracy, macro-F1, ``n``, per-class
+        precision/recall/F1/support and the confusion matrix (rows: true class,
+        columns: predicted, both in the order of ``classes``)."""
+        return {
+            "accuracy": self.accuracy,
+            "macro_f1": self.macro_f1,
+            "n": int(sum(map(sum, self.confusion))) if self.confusion is not None else None,
+            "classes": list(classes),
+            "per_class": self.per_class(classes),
+            "confusion": self.confusion,
+        }
 
 
 @dataclass(frozen=True)
@@ -104,10 +136,12 @@ def evaluate(
     states: torch.Tensor | None = None,
     point: int = 0,
 ) -> Metrics:
-    """Accuracy, macro-F1 and mean cross-entropy of ``backbone`` on ``data``
-    (``on_batch`` is called after each batch: a sign of progress). With
-    ``states``, the outputs of the backbone's first ``point`` blocks on every
-    row of ``data`` (the feature cache), only the rest of the model runs."""
+    """Accuracy, macro-F1, mean cross-entropy and the confusion matrix of
+    ``backbone`` on ``data`` (``on_batch`` is called after each batch: a sign of
+    progress); :meth:`Metrics.per_class` and :meth:`Metrics.record` derive the
+    per-class figures. With ``states``, the outputs of the backbone's first
+    ``point`` blocks on every row of ``data`` (the feature cache), only the rest
+    of the model runs."""
     model = backbone.model
     was_training = model.training
     model.eval()
@@ -139,6 +173,7 @@ def evaluate(
         accuracy=float(tp.sum() / confusion.sum().clamp(min=1)),
         macro_f1=float(f1[present].mean()) if present.any() else 0.0,
         loss=total_loss / max(1, len(data)),
+        confusion=confusion.tolist(),
     )
 
 

@@ -1,7 +1,8 @@
 """A study as one static HTML page that works offline.
 
 :func:`render_report` is a pure function of the study (it only reads the
-storage): the study summary, the optimisation history, parameter importances,
+storage): the study summary, the best trial's test metrics per class and its
+confusion matrix, the optimisation history, parameter importances,
 validation accuracy per backbone, the learning curves (where pruning stopped a
 trial), parallel coordinates over the searched parameters and the trials table.
 plotly.js is embedded once, inline, so the page needs no network.
@@ -159,6 +160,68 @@ def _summary(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> str
     parts += [f"<dt>{_esc(k)}</dt><dd>{_esc(v)}</dd>" for k, v in best_rows if v not in (None, "")]
     parts.append("</dl>")
     return "\n".join(parts)
+
+
+def _test_set(study: optuna.Study, complete: list[Any], figs: _Figures) -> str:
+    """The best trial's test metrics per class, and its confusion matrix."""
+    if not complete:
+        return _note("No completed trial yet: there is no best trial to test.")
+    best = study.best_trial
+    test = test_metrics(study).get(str(best.number))
+    if not test:
+        return _note("Test metrics are not computed yet (the search computes them at its end).")
+    classes, per_class, confusion = test.get("classes"), test.get("per_class"), test.get(
+        "confusion")
+    if not classes or not per_class or not confusion:
+        return _note(
+            "This study's test metrics were stored before per-class figures existed: "
+            "accuracy and macro F1 only (see the summary)."
+        )
+    import plotly.graph_objects as go
+
+    rows = ['<div class="scroll"><table id="per-class-table"><thead><tr>'
+            '<th class="l">class</th><th>precision</th><th>recall</th><th>F1</th>'
+            "<th>support</th></tr></thead><tbody>"]
+    for name in classes:
+        m = per_class.get(name, {})
+        rows.append(
+            f'<tr><td class="l">{_esc(name)}</td><td>{_num(m.get("precision"), ".4f")}</td>'
+            f'<td>{_num(m.get("recall"), ".4f")}</td><td>{_num(m.get("f1"), ".4f")}</td>'
+            f'<td>{_esc(m.get("support"))}</td></tr>'
+        )
+    rows.append("</tbody></table></div>")
+    labels = [str(c) for c in classes]
+    totals = [max(1, sum(row)) for row in confusion]
+    share = [[v / t for v in row] for row, t in zip(confusion, totals, strict=True)]
+    fig = go.Figure(
+        go.Heatmap(
+            z=confusion,
+            x=labels,
+            y=labels,
+            customdata=share,
+            colorscale="Blues",
+            texttemplate="%{z}" if len(labels) <= 25 else None,
+            hovertemplate="true %{y}, predicted %{x}: %{z} (%{customdata:.1%} of %{y})"
+            "<extra></extra>",
+            colorbar={"title": {"text": "examples"}},
+            xgap=1,
+            ygap=1,
+        )
+    )
+    side = min(900, 200 + 40 * len(labels))
+    fig.update_layout(
+        title=f"Confusion matrix of trial {best.number} on the test set "
+        f"({test.get('n')} examples)",
+        xaxis={"title": {"text": "predicted class"}, "type": "category"},
+        yaxis={"title": {"text": "true class"}, "type": "category", "autorange": "reversed"},
+        height=side,
+        width=side + 120,
+    )
+    intro = (
+        f"<p>Trial {best.number} (the best) on the held-out test set: accuracy "
+        f"{_num(test.get('accuracy'), '.4f')}, macro F1 {_num(test.get('macro_f1'), '.4f')}.</p>"
+    )
+    return intro + "".join(rows) + figs.html(fig, "plot-confusion")
 
 
 def _history(study: optuna.Study, complete: list[Any], figs: _Figures) -> str:
@@ -346,6 +409,7 @@ def render_report(study: optuna.Study) -> str:
     figs = _Figures()
     sections = [
         ("summary", "Summary", _summary(study, trials)),
+        ("test", "Test set: per class and confusion matrix", _test_set(study, complete, figs)),
         ("history", "Optimisation history", _history(study, complete, figs)),
         ("importances", "Parameter importances", _importances(study, complete, figs)),
         ("backbones", "Accuracy per backbone", _per_backbone(records, figs)),

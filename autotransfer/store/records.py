@@ -17,7 +17,11 @@ SPEC_ATTR = "spec"
 ARTIFACTS_ATTR = "artifacts"
 """The artifacts directory (checkpoints, epoch states) as the search saw it."""
 TEST_METRICS_ATTR = "test_metrics"
-"""``{trial number (str): {"accuracy", "macro_f1", "n"}}``: test-set metrics, computed once."""
+"""``{trial number (str): {"accuracy", "macro_f1", "n", "classes", "per_class",
+"confusion"}}``: test-set metrics, computed once. ``per_class`` maps each class name to
+its ``precision``, ``recall``, ``f1`` and ``support``; ``confusion[i][j]`` counts test
+examples of ``classes[i]`` predicted as ``classes[j]``. Studies written before the
+per-class figures existed hold only ``accuracy``, ``macro_f1`` and ``n``."""
 CLASSES_ATTR = "classes"
 """Class names in label order, stored at search time (export's labels)."""
 TARGET_ATTR = "target_trials"

@@ -190,7 +190,7 @@ def stored_spec(study: optuna.Study) -> StudySpec:
     return StudySpec.model_validate(raw)
 
 
-def test_metrics(study: optuna.Study) -> dict[str, dict[str, float]]:
+def test_metrics(study: optuna.Study) -> dict[str, dict[str, Any]]:
     return dict(study.user_attrs.get(TEST_METRICS_ATTR, {}))
 
 

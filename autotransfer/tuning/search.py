@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import optuna
 import torch
@@ -35,7 +36,7 @@ from autotransfer.tuning.progress import Progress, quiet_failed_trials
 class SearchOutcome:
     study: optuna.Study
     best: optuna.trial.FrozenTrial
-    test: dict[str, float]
+    test: dict[str, Any]
     new_trials: int
 
 
@@ -239,8 +240,10 @@ def evaluate_best_on_test(
     store: object,
     splits: Splits,
     spec: StudySpec,
-) -> dict[str, float]:
-    """Test-set metrics of the best trial, from its checkpoint (computed once)."""
+) -> dict[str, Any]:
+    """Test-set metrics of the best trial, from its checkpoint (computed once):
+    accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix
+    (:meth:`~autotransfer.engine.trainer.Metrics.record`)."""
     known = test_metrics(study)
     if str(best.number) in known:
         return known[str(best.number)]
@@ -249,7 +252,7 @@ def evaluate_best_on_test(
         listed=spec.search.backbones,
     )
     m = evaluate(backbone, splits.test, spec.train.eval_batch_size)
-    result = {"accuracy": m.accuracy, "macro_f1": m.macro_f1, "n": len(splits.test)}
+    result = m.record(list(splits.classes))
     known[str(best.number)] = result
     study.set_user_attr(TEST_METRICS_ATTR, known)
     return result
