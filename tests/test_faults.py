@@ -148,11 +148,11 @@ def test_oom_while_evaluating_halves_the_eval_batch(
     real_eval = __import__("autotransfer.engine.trainer", fromlist=["evaluate"]).evaluate
     sizes: list[int] = []
 
-    def evaluate(backbone, data, batch_size=256, on_batch=None):
+    def evaluate(backbone, data, batch_size=256, on_batch=None, placement=None):
         sizes.append(batch_size)
         if batch_size > 5:
             raise torch.OutOfMemoryError("CUDA out of memory")
-        return real_eval(backbone, data, batch_size, on_batch)
+        return real_eval(backbone, data, batch_size, on_batch, placement)
 
     monkeypatch.setattr("autotransfer.engine.trainer.evaluate", evaluate)
     study = _optimize(tiny_spec(**{"train.epochs": 1}), tiny_splits, plugin_host, tmp_path, GOOD)

@@ -27,3 +27,22 @@ StudyName = Annotated[
         help="Study to use; default: the spec's name (search) or the only study in the storage.",
     ),
 ]
+
+
+Gpus = Annotated[
+    str | None,
+    typer.Option(
+        "--gpus",
+        help="GPUs to run trials on, one worker process each: all, none (the CPU), a "
+        "count (2) or indices (0,2; one GPU: 3,). Default: all when CUDA is available "
+        "and train.device is auto.",
+    ),
+]
+TrialsPerGpu = Annotated[
+    int,
+    typer.Option(
+        "--trials-per-gpu", min=1,
+        help="Worker processes per GPU (trials at once on each); more than 1 pays for "
+        "small models that leave a GPU idle.",
+    ),
+]

@@ -34,6 +34,13 @@ def predict(
         str,
         typer.Option(help="Program to run: onnx (ONNX Runtime) or torchscript."),
     ] = "onnx",
+    device: Annotated[
+        str,
+        typer.Option(
+            help="auto (a GPU when the runtime can use one: onnxruntime-gpu, or TorchScript "
+            "with CUDA torch), cpu, cuda or cuda:N.",
+        ),
+    ] = "auto",
 ) -> None:
     """Predict the class of each image or text: label and probability, one row each."""
     import json
@@ -42,7 +49,7 @@ def predict(
     from autotransfer.exceptions import DataError
     from autotransfer.export.predict import load
 
-    model = load(export_dir, runtime)  # type: ignore[arg-type]
+    model = load(export_dir, runtime, device)  # type: ignore[arg-type]
     if model.modality == "text":
         texts = [*(text or []), *(model.read_texts(inputs) if inputs else [])]
         if not texts:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from autotransfer.cli.options import DEFAULT, Storage, StudyName
+from autotransfer.cli.options import DEFAULT, Gpus, Storage, StudyName, TrialsPerGpu
 
 if TYPE_CHECKING:
     from autotransfer.spec.model import StudySpec
@@ -100,6 +100,8 @@ def search(
             "(see `autotransfer export`).",
         ),
     ] = None,
+    gpus: Gpus = None,
+    trials_per_gpu: TrialsPerGpu = 1,
 ) -> None:
     """Search how to fine-tune: backbone, freeze depth, learning rate and α.
 
@@ -112,6 +114,7 @@ def search(
     from autotransfer.cli import debug_enabled
     from autotransfer.cli.render import print_search_outcome
     from autotransfer.spec.model import load_spec
+    from autotransfer.tuning.gpus import plan_gpus
     from autotransfer.tuning.progress import Progress
     from autotransfer.tuning.search import run_search
 
@@ -137,6 +140,7 @@ def search(
         resolved = general_defaults(overrides, storage)
     else:
         resolved = load_spec(spec, overrides)  # no --data: the embedded digits example
+    plan = plan_gpus(gpus, trials_per_gpu, resolved.train.device)
     if export is not None:
         from autotransfer.export.writer import check_target
 
@@ -150,9 +154,13 @@ def search(
                 "checkpoints); give an export directory outside it"
             )
     outcome = run_search(
-        resolved, storage, artifacts, Progress(epochs=resolved.train.epochs, debug=debug_enabled())
+        resolved, storage, artifacts,
+        Progress(epochs=resolved.train.epochs, debug=debug_enabled()), plan
     )
     print_search_outcome(outcome, json_out)
+    if outcome.dead_workers:
+        typer.echo(f"error: {'; '.join(outcome.dead_workers)}", err=True)
+        raise typer.Exit(1)
     if export is not None:
         from autotransfer.export.writer import export_trial
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from autotransfer.cli.options import DEFAULT, Storage, StudyName
+from autotransfer.cli.options import DEFAULT, Gpus, Storage, StudyName, TrialsPerGpu
 
 
 def worker(
@@ -42,6 +42,8 @@ def worker(
             "started together with the search that creates it).",
         ),
     ] = 0,
+    gpus: Gpus = None,
+    trials_per_gpu: TrialsPerGpu = 1,
 ) -> None:
     """Join a study that `autotransfer search` created and run its trials.
 
@@ -49,7 +51,8 @@ def worker(
     PostgreSQL for several machines) and the shared artifacts directory. Each
     worker reads the spec saved with the study, so it needs no spec file, and runs
     trials until the study has the total that `search --n-trials` set (or its own
-    --n-trials / --timeout). Prints one summary line when it stops. See
+    --n-trials / --timeout). With several GPUs (--gpus), it starts one worker
+    process per GPU. Prints one summary line when it stops. See
     docs/scale-out.md.
     """
     from autotransfer.cli import debug_enabled
@@ -57,7 +60,7 @@ def worker(
 
     outcome = run_worker(
         storage, study_name, artifacts, data, n_trials, timeout, wait=wait,
-        debug=debug_enabled(),
+        debug=debug_enabled(), gpus=gpus, trials_per_gpu=trials_per_gpu,
     )
     states = [t.state.name for t in outcome.study.get_trials(deepcopy=False)]
     counts = ", ".join(
@@ -68,3 +71,6 @@ def worker(
         f"worker ran {outcome.ran} trial(s); study '{outcome.study.study_name}' now has "
         f"{len(states)} ({counts or 'none'})"
     )
+    if outcome.dead_workers:
+        typer.echo(f"error: {'; '.join(outcome.dead_workers)}", err=True)
+        raise typer.Exit(1)

@@ -17,6 +17,7 @@ from torch import nn
 from autotransfer.backbones import Backbone, TextPreprocessing
 from autotransfer.data.augment import augment, normalise
 from autotransfer.data.datasets import Dataset, TextSet
+from autotransfer.data.placement import to_device
 from autotransfer.spec.model import AugmentSpec, DataSpec
 
 Batch = torch.Tensor | dict[str, torch.Tensor]
@@ -29,21 +30,26 @@ def make_batch(
     augment_spec: AugmentSpec | None = None,
     generator: torch.Generator | None = None,
     draws: torch.Tensor | None = None,
+    device: torch.device | None = None,
 ) -> Batch:
-    """The inputs of ``data[idx]`` for ``backbone``; images are augmented when
-    ``augment_spec`` and ``generator`` or ``draws`` (the batch's rows of an
+    """The inputs of ``data[idx]`` for ``backbone`` on ``device`` (default: where
+    the data is); images are augmented when ``augment_spec`` and ``generator``
+    or ``draws`` (the batch's rows of an
     :func:`~autotransfer.data.augment.augmentation_plan`) are given (training),
-    texts never are."""
+    texts never are. Images are normalised and augmented on the device
+    (:mod:`autotransfer.data.placement` moves them)."""
     pre = backbone.preprocessing
     if isinstance(data, TextSet):
         if not isinstance(pre, TextPreprocessing):
             raise TypeError(f"{backbone.name} is an image backbone; it cannot read texts")
         ids = data.encoded(pre)
         rows = range(len(data))[idx] if isinstance(idx, slice) else idx.tolist()
-        return pad([ids[i] for i in rows], pre.pad_token_id)
+        batch = pad([ids[i] for i in rows], pre.pad_token_id)
+        return batch if device is None else {k: to_device(v, device) for k, v in batch.items()}
     if isinstance(pre, TextPreprocessing):
         raise TypeError(f"{backbone.name} is a text backbone; it cannot read images")
-    x = normalise(data.images[idx], pre)
+    images = data.images[idx]
+    x = normalise(images if device is None else to_device(images, device), pre)
     if augment_spec is not None and (generator is not None or draws is not None):
         x = augment(x, augment_spec, generator, draws)
     return x

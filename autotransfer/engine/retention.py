@@ -23,6 +23,7 @@ from autotransfer.backbones import Backbone
 from autotransfer.data.augment import normalise
 from autotransfer.data.batches import Batch
 from autotransfer.data.datasets import ImageSet
+from autotransfer.data.placement import to_device
 
 
 class Retention:
@@ -74,9 +75,16 @@ class Distill(Retention):
 
 class SourceTask(Retention):
     def __init__(
-        self, backbone: Backbone, source: ImageSet, batch_size: int, generator: torch.Generator
+        self,
+        backbone: Backbone,
+        source: ImageSet,
+        batch_size: int,
+        generator: torch.Generator,
+        device: torch.device | None = None,
+        channels_last: bool = False,
     ) -> None:
         self.backbone = backbone
+        self.channels_last = channels_last
         self.source = source
         n_classes = len(source.classes)
         original = backbone.extra.get("original_head")
@@ -84,6 +92,8 @@ class SourceTask(Retention):
             self.head: nn.Module = copy.deepcopy(original).requires_grad_(True)
         else:
             self.head = nn.Linear(backbone.num_features, n_classes)
+        if device is not None:
+            self.head.to(device)
         self.batch_size = batch_size
         self.generator = generator
         self._batches = self._cycle()
@@ -100,9 +110,12 @@ class SourceTask(Retention):
 
     def loss(self, x: Batch, features: torch.Tensor, point: int = 0) -> torch.Tensor:
         images, labels = next(self._batches)
-        xs = normalise(images.to(features.device), self.backbone.preprocessing)
+        device = features.device
+        xs = normalise(to_device(images, device), self.backbone.preprocessing)
+        if self.channels_last:  # the model's memory layout
+            xs = xs.contiguous(memory_format=torch.channels_last)
         logits = self.head(self.backbone.features(self.backbone.model, xs))
-        return F.cross_entropy(logits, labels.to(features.device))
+        return F.cross_entropy(logits.float(), to_device(labels, device))
 
 
 def make_retention(
@@ -112,12 +125,18 @@ def make_retention(
     source: ImageSet | None,
     batch_size: int,
     generator: torch.Generator,
+    device: torch.device | None = None,
+    channels_last: bool = False,
 ) -> Retention:
+    """The retention term ``kind`` for ``backbone`` (already on its device:
+    the L2-SP reference weights and the distill teacher are copies made there;
+    the source head moves to ``device``, source images take the model's memory
+    layout when ``channels_last``)."""
     if kind == "l2sp":
         return L2SP(backbone)
     if kind == "distill":
         return Distill(backbone)
     if kind == "source":
         assert source is not None, "spec validation guarantees a source set"
-        return SourceTask(backbone, source, batch_size, generator)
+        return SourceTask(backbone, source, batch_size, generator, device, channels_last)
     raise ValueError(f"unknown retention '{kind}'")

@@ -23,6 +23,8 @@ from autotransfer.backbones.freeze import freeze, freeze_depth, train_mode
 from autotransfer.data.augment import augmentation_plan, is_identity
 from autotransfer.data.batches import Batch, forward, make_batch, take
 from autotransfer.data.datasets import Dataset, ImageSet, Splits
+from autotransfer.data.placement import to_device
+from autotransfer.engine.device import CPU, Placement
 from autotransfer.engine.feature_cache import CacheKey, FeatureCache, prefix_fingerprint
 from autotransfer.engine.retention import make_retention
 from autotransfer.exceptions import AutotransferError
@@ -127,6 +129,11 @@ class EpochResult:
     is_best: bool
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where ``model``'s parameters are (the CPU for a model without any)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 @torch.no_grad()
 def evaluate(
     backbone: Backbone,
@@ -135,28 +142,38 @@ def evaluate(
     on_batch: Callable[[], None] | None = None,
     states: torch.Tensor | None = None,
     point: int = 0,
+    placement: Placement | None = None,
 ) -> Metrics:
     """Accuracy, macro-F1, mean cross-entropy and the confusion matrix of
     ``backbone`` on ``data`` (``on_batch`` is called after each batch: a sign of
-    progress); :meth:`Metrics.per_class` and :meth:`Metrics.record` derive the
-    per-class figures. With ``states``, the outputs of the backbone's first
-    ``point`` blocks on every row of ``data`` (the feature cache), only the rest
-    of the model runs."""
+    progress), on the model's device (and in ``placement``'s precision and
+    memory layout); :meth:`Metrics.per_class` and :meth:`Metrics.record` derive
+    the per-class figures. With ``states``, the outputs of the backbone's first
+    ``point`` blocks on every row of ``data`` (the feature cache, on the
+    device), only the rest of the model runs. The confusion matrix and the loss
+    stay on the device until the end: one host sync per evaluation."""
     model = backbone.model
+    placement = placement or Placement(model_device(model), "fp32", False, False)
+    device = placement.device
     was_training = model.training
     model.eval()
     n_classes = len(data.classes)
-    confusion = torch.zeros((n_classes, n_classes), dtype=torch.long)
-    total_loss = 0.0
+    confusion = torch.zeros((n_classes, n_classes), dtype=torch.long, device=device)
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
     for i in range(0, len(data), batch_size):
-        y = data.labels[i : i + batch_size]
-        if states is not None:
-            assert backbone.split is not None
-            h = backbone.split.suffix(model, states[i : i + batch_size], point)
-            logits = backbone.classify(model, h).float()
-        else:
-            logits = forward(model, make_batch(data, slice(i, i + batch_size), backbone)).float()
-        total_loss += F.cross_entropy(logits, y, reduction="sum").item()
+        y = to_device(data.labels[i : i + batch_size], device)
+        with placement.autocast():
+            if states is not None:
+                assert backbone.split is not None
+                h = backbone.split.suffix(
+                    model, _layout(placement, to_device(states[i : i + batch_size], device)),
+                    point,
+                )
+                logits = backbone.classify(model, h).float()
+            else:
+                x = make_batch(data, slice(i, i + batch_size), backbone, device=device)
+                logits = forward(model, _layout(placement, x)).float()
+        total_loss += F.cross_entropy(logits, y, reduction="sum")
         pred = logits.argmax(1)
         confusion += torch.bincount(y * n_classes + pred, minlength=n_classes**2).view(
             n_classes, n_classes
@@ -164,6 +181,7 @@ def evaluate(
         if on_batch is not None:
             on_batch()
     model.train(was_training)
+    confusion = confusion.cpu()
     tp = confusion.diag().double()
     precision = tp / confusion.sum(0).clamp(min=1)
     recall = tp / confusion.sum(1).clamp(min=1)
@@ -172,9 +190,13 @@ def evaluate(
     return Metrics(
         accuracy=float(tp.sum() / confusion.sum().clamp(min=1)),
         macro_f1=float(f1[present].mean()) if present.any() else 0.0,
-        loss=total_loss / max(1, len(data)),
+        loss=float(total_loss) / max(1, len(data)),
         confusion=confusion.tolist(),
     )
+
+
+def _layout(placement: Placement, x: Batch) -> Batch:
+    return placement.batch(x) if isinstance(x, torch.Tensor) else x
 
 
 class Trainer:
@@ -188,6 +210,11 @@ class Trainer:
         seed: seeds head init happened before; seeds batch order and augmentation.
         source: the source set, for ``retention: source``.
         cache: the worker's feature cache (None: off).
+        placement: device, precision and memory layout
+            (:mod:`autotransfer.engine.device`); default: the CPU in fp32. The
+            model moves there before its optimizer is built; ``splits`` and
+            ``source`` should already be there (``WorkerDevice.data``) or on the
+            host, whence each batch is copied.
 
     With a split forward (:attr:`Backbone.split`) and ``j`` > 0, the deepest split
     point at or below the frozen depth, each batch runs the first ``j`` blocks
@@ -198,7 +225,8 @@ class Trainer:
     ``(e - 1) mod views``. Epoch e's augmentation is view ``e - 1`` of
     :func:`~autotransfer.data.augment.augmentation_plan` either way, so a
     cached trial with as many views as epochs trains on the same inputs as an
-    uncached one.
+    uncached one. The prefix runs on the placement's device under its
+    autocast, and the cache keeps its outputs there.
     """
 
     def __init__(
@@ -210,7 +238,11 @@ class Trainer:
         seed: int,
         source: ImageSet | None = None,
         cache: FeatureCache | None = None,
+        placement: Placement | None = None,
     ) -> None:
+        self.placement = placement = placement or CPU
+        self.device = placement.device
+        placement.place_model(backbone.model)  # before retention copies and the optimizer
         self.backbone = backbone
         self.splits = splits
         self.params = params
@@ -246,6 +278,8 @@ class Trainer:
                 source=source,
                 batch_size=params.batch_size,
                 generator=self.generator,
+                device=self.device,
+                channels_last=placement.channels_last,
             )
             if params.alpha > 0
             else None
@@ -255,6 +289,12 @@ class Trainer:
             trainable += self.retention.parameters()
         self.steps_per_epoch = math.ceil(len(splits.train) / params.batch_size)
         self.optimizer = self._optimizer(trainable)
+        self.scaler = placement.grad_scaler()
+        self._features = placement.compiled(backbone.features)
+        # Losses stay on the device; the host looks at them every this many steps
+        # (non-finite, divergence) and once per epoch: on a GPU a per-step .item()
+        # would stall the queue of kernels.
+        self.check_every = 1 if placement.device.type == "cpu" else 32
         total = self.steps_per_epoch * spec.train.epochs
         # Warm up over 10 % of the steps, but at least 2 (capped at 30 %): with
         # pct_start * total == 1 (e.g. 10 steps) OneCycleLR divides by zero.
@@ -289,7 +329,8 @@ class Trainer:
         model.eval()
         try:
             assert self.backbone.split is not None
-            return self.backbone.split.prefix(model, x, self.point)
+            with self.placement.autocast():
+                return self.backbone.split.prefix(model, _layout(self.placement, x), self.point)
         finally:
             if was_training:
                 train_mode(model, self.frozen_norms)
@@ -316,7 +357,8 @@ class Trainer:
             for i in range(0, len(data), size):
                 rows = slice(i, i + size)
                 x = make_batch(data, rows, self.backbone, self.augment,
-                               draws=draws[rows] if draws is not None else None)
+                               draws=draws[rows] if draws is not None else None,
+                               device=self.device)
                 state = self._prefix(x)
                 if not isinstance(state, torch.Tensor):  # a text model's dict: not cached
                     self.cache = None
@@ -340,17 +382,21 @@ class Trainer:
             if states is None and self.augment is not None and data.modality == "image"
             else None
         )
-        total, count = 0.0, 0
+        losses: list[torch.Tensor] = []  # per step, summed over the batch, on the device
+        sizes: list[int] = []
+        checked = 0
         for step, i in enumerate(range(0, len(order), self.params.batch_size)):
             idx = order[i : i + self.params.batch_size]
             if states is not None:
-                x: Batch = states[idx]
+                x: Batch = _layout(self.placement, to_device(states[idx], self.device))
             else:
                 x = make_batch(data, idx, self.backbone, self.augment,
-                               draws=draws[idx] if draws is not None else None)
+                               draws=draws[idx] if draws is not None else None,
+                               device=self.device)
+                x = _layout(self.placement, x)
                 if self.point:
                     x = self._prefix(x)
-            y = data.labels[idx]
+            y = to_device(data.labels[idx], self.device)
             while True:
                 try:
                     loss_sum = self._step(x, y, step)
@@ -364,47 +410,74 @@ class Trainer:
                 # Out of the except block: the exception (and the frames holding the
                 # batch's activations) is gone, so the memory can really be freed.
                 self._shrink_micro_batch(error)
-            self._check_divergence(loss_sum / len(idx), step)
-            self.optimizer.step()
+            losses.append(loss_sum)
+            sizes.append(len(idx))
+            if len(losses) - checked >= self.check_every:
+                self._check_losses(losses, sizes, checked)
+                checked = len(losses)
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
             self.scheduler.step()
-            total += loss_sum
-            count += len(idx)
             if self.on_batch is not None:
                 self.on_batch()
-        return total / max(1, count)
+        if not losses:
+            return 0.0
+        values = self._check_losses(losses, sizes, checked)
+        return sum(values) / max(1, sum(sizes))
 
-    def _step(self, x: Batch, y: torch.Tensor, step: int) -> float:
+    def _check_losses(
+        self, losses: list[torch.Tensor], sizes: list[int], start: int
+    ) -> list[float]:
+        """One host sync: every step's summed loss as floats; fails the trial if
+        one from ``start`` on is not finite or has diverged (in step order)."""
+        values = torch.stack(losses).tolist()
+        for step in range(start, len(values)):
+            loss = values[step] / sizes[step]
+            if not math.isfinite(loss):
+                raise TrialError(
+                    "non_finite",
+                    f"loss became {loss} at step {step}; "
+                    "the learning rate is probably too high",
+                )
+            self._check_divergence(loss, step)
+        return values
+
+    def _step(self, x: Batch, y: torch.Tensor, step: int) -> torch.Tensor:
         """Forward and backward of one optimiser batch (``x``: the model's inputs,
         or with :attr:`point` > 0 the prefix's outputs), in micro-batches of at most
         ``micro_batch_size`` with the gradients accumulated: each micro-batch's mean
         loss is weighted by its share of the batch, so the gradient (and the
         sampled ``batch_size``, the learning-rate schedule and the steps per epoch)
-        is that of the whole batch. Returns the batch's summed loss."""
+        is that of the whole batch. Returns the batch's summed loss (a tensor on
+        the device; :meth:`_check_losses` looks at it). Forward and loss run
+        under the placement's autocast; fp16 scales the loss (gradient scaler)."""
         model, alpha = self.backbone.model, self.params.alpha
         self.optimizer.zero_grad(set_to_none=True)
-        n, total = len(y), 0.0
+        n = len(y)
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
         for j in range(0, n, self.micro_batch_size):
             xb = take(x, slice(j, j + self.micro_batch_size))
             yb = y[j : j + self.micro_batch_size]
-            if self.point:
-                assert self.backbone.split is not None
-                features = self.backbone.split.suffix(model, xb, self.point)
-            else:
-                features = self.backbone.features(model, xb)
-            logits = self.backbone.classify(model, features)
-            loss = F.cross_entropy(logits, yb, label_smoothing=self.spec.train.label_smoothing)
-            if self.retention is not None:
-                retained = self.retention.loss(xb, features, self.point)
-                loss = alpha * retained + (1 - alpha) * loss
-            if not torch.isfinite(loss):
-                raise TrialError(
-                    "non_finite",
-                    f"loss became {loss.item()} at step {step}; "
-                    "the learning rate is probably too high",
+            with self.placement.autocast():
+                if self.point:
+                    assert self.backbone.split is not None
+                    features = self.backbone.split.suffix(model, xb, self.point)
+                else:
+                    features = self._features(model, xb)
+                logits = self.backbone.classify(model, features)
+                loss = F.cross_entropy(
+                    logits.float(), yb, label_smoothing=self.spec.train.label_smoothing
                 )
-            (loss * (len(yb) / n)).backward()
-            total += loss.item() * len(yb)
-            del features, logits, loss
+                if self.retention is not None:
+                    retained = self.retention.loss(xb, features, self.point).float()
+                    loss = alpha * retained + (1 - alpha) * loss
+            weighted = loss * (len(yb) / n)
+            (self.scaler.scale(weighted) if self.scaler is not None else weighted).backward()
+            total += loss.detach() * len(yb)
+            del features, logits, loss, weighted
         return total
 
     def _check_divergence(self, loss: float, step: int) -> None:
@@ -452,6 +525,9 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda"
+            else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "best": asdict(self.best) if self.best is not None else None,
             "best_state": self.best_state,
             "reference_loss": self.reference_loss,
@@ -475,6 +551,11 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
+        # Saved on another device (or precision): only what applies here is restored.
+        if state.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        if state.get("scaler") is not None and self.scaler is not None:
+            self.scaler.load_state_dict(state["scaler"])
         best = state["best"]
         if best is not None:
             best = EpochResult(**{**best, "val": Metrics(**best["val"])})
@@ -518,7 +599,7 @@ class Trainer:
                 states = self._cached("val", None)
                 return evaluate(
                     self.backbone, self.splits.val, self.eval_batch_size, self.on_batch,
-                    states=states, point=self.point,
+                    states=states, point=self.point, placement=self.placement,
                 )
             except Exception as exc:  # noqa: BLE001 - re-raised unless it is an OOM
                 if not is_out_of_memory(exc):

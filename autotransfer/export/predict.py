@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from autotransfer.exceptions import DataError, ExportError
+from autotransfer.exceptions import DataError, ExportError, UserInputError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -115,11 +115,15 @@ class ExportedModel:
         config: its ``config.json``.
         labels: class names in output order.
         runtime: ``onnx`` or ``torchscript``.
+        device: where the program runs: ``cpu`` or ``cuda:N``.
     """
 
-    def __init__(self, export_dir: str | Path, runtime: Runtime = "onnx") -> None:
+    def __init__(
+        self, export_dir: str | Path, runtime: Runtime = "onnx", device: str = "auto"
+    ) -> None:
         if runtime not in RUNTIMES:
             raise ExportError(f"unknown runtime '{runtime}'; use one of: {', '.join(RUNTIMES)}")
+        self.device = resolve_predict_device(device, runtime)
         self.path = Path(export_dir)
         self.config = read_config(self.path)
         self.labels: list[str] = list(self.config["labels"])
@@ -167,7 +171,11 @@ class ExportedModel:
         import onnxruntime as ort
 
         try:
-            session = ort.InferenceSession(str(program), providers=["CPUExecutionProvider"])
+            providers: list[Any] = ["CPUExecutionProvider"]
+            if self.device.startswith("cuda"):
+                index = int(self.device.split(":")[1])
+                providers.insert(0, ("CUDAExecutionProvider", {"device_id": index}))
+            session = ort.InferenceSession(str(program), providers=providers)
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise ExportError(f"'{program}' is not a valid ONNX model ({exc})") from None
         out_name = self.config["output"]["name"]
@@ -181,13 +189,15 @@ class ExportedModel:
 
         try:
             with quiet_torch():
-                module = torch.jit.load(str(program), map_location="cpu").eval()
+                module = torch.jit.load(str(program), map_location=self.device).eval()
         except RuntimeError as exc:
             raise ExportError(f"'{program}' is not a valid TorchScript program ({exc})") from None
+        device = torch.device(self.device)
 
         def run(*xs: np.ndarray) -> np.ndarray:
             with torch.no_grad():
-                return module(*(torch.from_numpy(x) for x in xs)).numpy()
+                out = module(*(torch.from_numpy(x).to(device) for x in xs))
+                return out.float().cpu().numpy()
 
         return run
 
@@ -386,17 +396,54 @@ def _refuse_text_files(items: list[tuple[str, Any]]) -> None:
             )
 
 
-def load(export_dir: str | Path, runtime: Runtime = "onnx") -> ExportedModel:
+def load(export_dir: str | Path, runtime: Runtime = "onnx", device: str = "auto") -> ExportedModel:
     """Load an export directory made by ``autotransfer export``.
 
     Args:
         export_dir: the directory.
         runtime: ``onnx`` (ONNX Runtime, the default) or ``torchscript``.
+        device: ``auto`` (the first GPU when the runtime can use one: ONNX Runtime
+            with its CUDA provider, i.e. onnxruntime-gpu, or TorchScript with a
+            CUDA build of torch; else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
 
     Raises:
         ExportError: not an export, or its program cannot be loaded.
+        UserInputError: a device this machine or runtime does not have.
     """
-    return ExportedModel(export_dir, runtime)
+    return ExportedModel(export_dir, runtime, device)
+
+
+def resolve_predict_device(device: str, runtime: str) -> str:
+    """``auto|cpu|cuda|cuda:N`` -> ``cpu`` or ``cuda:N`` for ``runtime``.
+
+    Raises:
+        UserInputError: a malformed value, or a GPU the runtime cannot use here.
+    """
+    import re
+
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise UserInputError(f"device '{device}' is not valid; use auto, cpu, cuda or cuda:N")
+    if device == "cpu":
+        return "cpu"
+    if runtime == "onnx":
+        import onnxruntime as ort
+
+        gpus = 1 if "CUDAExecutionProvider" in ort.get_available_providers() else 0
+        why = "onnxruntime has no CUDA provider here (install onnxruntime-gpu)"
+    else:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        why = "torch sees no CUDA GPU here"
+    if device == "auto":
+        return "cuda:0" if gpus else "cpu"
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if index >= gpus:
+        raise UserInputError(
+            f"device '{device}': {why if not gpus else f'only {gpus} GPU(s) are visible'}; "
+            "use --device cpu or auto"
+        )
+    return f"cuda:{index}"
 
 
 def expand_inputs(

@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 from autotransfer._version import __version__
 from autotransfer.store.records import (
     BEST_EPOCH_ATTR,
+    DEVICE_ATTR,
     EPOCHS_RUN_ATTR,
     FAIL_REASON_ATTR,
     FROZEN_BLOCKS_ATTR,
@@ -34,7 +35,7 @@ from autotransfer.store.records import (
     VAL_F1_ATTR,
 )
 from autotransfer.store.studies import test_metrics
-from autotransfer.store.summary import best_per_backbone, trial_records
+from autotransfer.store.summary import best_per_backbone, device_label, trial_records
 
 # Parameters shown in the parallel-coordinates plot, in this order, when searched.
 PARALLEL_PARAMS = ("backbone", "freeze", "lr", "alpha")
@@ -366,7 +367,7 @@ def _table(records: list[dict[str, Any]], best: int | None) -> str:
     cols = [
         ("#", ""), ("state", "l"), ("backbone", "l"), ("freeze", ""), ("lr", ""), ("wd", ""),
         ("α", ""), ("batch", ""), ("val acc", ""), ("val F1", ""), ("best ep", ""),
-        ("epochs", ""), ("pruned at", ""), ("time", ""), ("fail reason", "l"),
+        ("epochs", ""), ("pruned at", ""), ("time", ""), ("device", "l"), ("fail reason", "l"),
     ]
     out = ['<div class="scroll"><table id="trials-table"><thead><tr>']
     out += [f'<th class="{c}">{_esc(n)}</th>' for n, c in cols]
@@ -390,6 +391,7 @@ def _table(records: list[dict[str, Any]], best: int | None) -> str:
             r[EPOCHS_RUN_ATTR],
             r[PRUNED_AT_EPOCH_ATTR],
             f"{r[SECONDS_ATTR]:.0f} s" if r[SECONDS_ATTR] is not None else "",
+            device_label(r[DEVICE_ATTR]),
             r[FAIL_REASON_ATTR],
         ]
         cls = r["state"] + (" best" if r["number"] == best else "")

@@ -338,6 +338,24 @@ class TrainSpec(_Model):
             )
         return v
 
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$",
+        description="auto (the worker's GPU when CUDA is available, else the CPU), cpu, "
+        "cuda or cuda:N",
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="auto: bf16 autocast on a GPU that supports it, fp16 with a gradient "
+        "scaler on one that does not, fp32 on the CPU",
+    )
+    channels_last: Literal["auto"] | bool = Field(
+        "auto", description="auto: on for convolutional image backbones on a GPU"
+    )
+    compile: bool = Field(
+        False, description="torch.compile the training forward (off: no benchmark here "
+        "shows it pays for itself within a trial)",
+    )
+
 
 class RecoverySpec(_Model):
     """How workers notice each other's deaths (Optuna heartbeats) and retry."""

@@ -33,6 +33,9 @@ VERSION_ATTR = "autotransfer_version"
 
 WORKER_ATTR = "worker"
 """The process running the trial: host, pid, machine id, process start time."""
+DEVICE_ATTR = "device"
+"""Where the trial ran: device (``cpu``, ``cuda:0``), gpu (model), gpu_id (the physical
+index its worker was pinned to), precision, channels_last (:mod:`autotransfer.engine.device`)."""
 N_BLOCKS_ATTR = "n_blocks"
 """How many trunk blocks the backbone has."""
 FROZEN_BLOCKS_ATTR = "frozen_blocks"

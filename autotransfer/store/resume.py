@@ -70,9 +70,17 @@ def load_epoch_state(trial: optuna.Trial, store: ArtifactStore) -> dict[str, Any
     check_artifact_id(trial.number, artifact_id)
     try:
         with store.open_reader(artifact_id) as f:
-            return torch.load(f, map_location="cpu", weights_only=True)
+            return read_epoch_state(f)
     except ArtifactNotFound:
         return None
+
+
+def read_epoch_state(f: Any) -> dict[str, Any]:
+    """An epoch state from a file object, wherever it was saved: its tensors
+    are mapped to the CPU (a state a GPU worker wrote loads on a machine
+    without one; the random generators' states must be CPU tensors anyway),
+    and ``Trainer.load_state_dict`` copies them to the trainer's device."""
+    return torch.load(f, map_location="cpu", weights_only=True)
 
 
 def drop_artifact(store: ArtifactStore, artifact_id: Any) -> None:

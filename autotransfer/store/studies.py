@@ -28,6 +28,8 @@ RESUMABLE_FIELDS = {
     "n_trials", "timeout", "train.threads", "train.eval_batch_size", "train.stall_timeout",
     "recovery.heartbeat_interval", "recovery.grace_period", "recovery.max_retry",
     "sampler.try_each_backbone",  # read only when the study is created
+    # Where and how fast trials run, not what they compute:
+    "train.device", "train.precision", "train.channels_last", "train.compile",
 }
 
 

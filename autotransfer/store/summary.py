@@ -10,6 +10,7 @@ from rich.table import Table
 from autotransfer.store.records import (
     BEST_EPOCH_ATTR,
     CHECKPOINT_ATTR,
+    DEVICE_ATTR,
     EPOCHS_RUN_ATTR,
     FAIL_MESSAGE_ATTR,
     FAIL_REASON_ATTR,
@@ -29,7 +30,7 @@ from autotransfer.store.records import (
 ROW_ATTRS = (
     FROZEN_BLOCKS_ATTR, N_BLOCKS_ATTR, VAL_ACCURACY_ATTR, VAL_F1_ATTR, BEST_EPOCH_ATTR,
     EPOCHS_RUN_ATTR, PRUNED_AT_EPOCH_ATTR, FAIL_REASON_ATTR, FAIL_MESSAGE_ATTR, RETRY_OF_ATTR,
-    RESUMED_FROM_EPOCH_ATTR, SECONDS_ATTR, CHECKPOINT_ATTR, FEATURES_CACHED_ATTR,
+    RESUMED_FROM_EPOCH_ATTR, SECONDS_ATTR, CHECKPOINT_ATTR, DEVICE_ATTR, FEATURES_CACHED_ATTR,
     FEATURE_VIEWS_ATTR, PREFIX_BLOCKS_ATTR,
 )
 """The trial attributes each row carries, under their own names (``trials --json``)."""
@@ -44,6 +45,22 @@ def trial_records(study: optuna.Study) -> list[dict[str, Any]]:
         row.update((name, t.user_attrs.get(name)) for name in ROW_ATTRS)
         rows.append(row)
     return rows
+
+
+def device_label(device: dict[str, Any] | None) -> str:
+    """``cuda:0 (GPU 2, NVIDIA H100, bf16)`` or ``cpu (fp32)``: a trial's
+    ``device`` attribute in words."""
+    if not device:
+        return ""
+    parts = []
+    if device.get("gpu_id") is not None:
+        parts.append(f"GPU {device['gpu_id']}")
+    if device.get("gpu"):
+        parts.append(str(device["gpu"]))
+    parts.append(str(device.get("precision", "?")))
+    if device.get("channels_last"):
+        parts.append("channels_last")
+    return f"{device.get('device', '?')} ({', '.join(parts)})"
 
 
 def _f(v: float | None, fmt: str) -> str:

@@ -22,6 +22,7 @@ from optuna.artifacts._protocol import ArtifactStore
 
 from autotransfer.data.batches import fit_to_data
 from autotransfer.data.datasets import ImageSet, Splits
+from autotransfer.engine.device import WorkerDevice
 from autotransfer.engine.feature_cache import FeatureCache
 from autotransfer.engine.trainer import Trainer, TrialError, TrialParams
 from autotransfer.exceptions import AutotransferError
@@ -30,6 +31,7 @@ from autotransfer.spec.model import BackboneRef, FloatParam, FloatRange, StudySp
 from autotransfer.store.checkpoints import save_checkpoint
 from autotransfer.store.records import (
     BEST_EPOCH_ATTR,
+    DEVICE_ATTR,
     EFFECTIVE_BATCH_SIZE_ATTR,
     EPOCHS_RUN_ATTR,
     FAIL_MESSAGE_ATTR,
@@ -115,8 +117,14 @@ class Objective:
         store: ArtifactStore,
         progress: Progress,
         source: ImageSet | None = None,
+        device: WorkerDevice | None = None,
     ) -> None:
         self.spec = spec
+        # Resolved once per worker; the data moves to its device once, here.
+        self.device = device or WorkerDevice(spec.train)
+        splits = Splits(*(self.device.data(d) for d in (splits.train, splits.val, splits.test)))
+        if isinstance(source, ImageSet):
+            source = self.device.data(source)  # type: ignore[assignment]
         self.splits = splits
         self.host = host
         self.store = store
@@ -142,10 +150,13 @@ class Objective:
         ref = self.refs[params.backbone]
         trial.set_user_attr(WORKER_ATTR, worker_identity())
         trainer = self._trainer(trial, params, ref)
+        trial.set_user_attr(DEVICE_ATTR, trainer.placement.record)
         trial.set_user_attr(N_BLOCKS_ATTR, trainer.n_blocks)
         trial.set_user_attr(FROZEN_BLOCKS_ATTR, trainer.k_frozen)
         trial.set_user_attr(PREFIX_BLOCKS_ATTR, trainer.point)
-        self.progress.trial_started(trial.number, params, trainer.k_frozen, trainer.n_blocks)
+        self.progress.trial_started(
+            trial.number, params, trainer.k_frozen, trainer.n_blocks, trainer.placement.record
+        )
         if not self._resume(trial, trainer):
             trainer = self._trainer(trial, params, ref)  # a clean start, not half-restored
         start = time.perf_counter()
@@ -206,8 +217,10 @@ class Objective:
                 f"{plugin_label(self.host, ref.family)})",
             ) from exc
         fit_to_data(backbone, self.spec.data)
-        return Trainer(backbone, self.splits, params, self.spec, self.spec.seed, self.source,
-                       cache=self.cache)
+        return Trainer(
+            backbone, self.splits, params, self.spec, self.spec.seed, self.source,
+            cache=self.cache, placement=self.device.placement(backbone),
+        )
 
     def _train(self, trial: optuna.Trial, trainer: Trainer, start: float) -> None:
         for result in trainer.epochs():

@@ -11,12 +11,14 @@ import contextlib
 import logging
 import re
 from collections.abc import Iterator
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
 
 from autotransfer.engine.trainer import EpochResult, TrialParams
 from autotransfer.exceptions import AutotransferError
+from autotransfer.store.summary import device_label
 
 OPTUNA_TRIAL_LOGGER = "optuna.study._optimize"
 
@@ -38,11 +40,19 @@ class Progress:
     def message(self, text: str) -> None:
         self.console.print(text)
 
-    def trial_started(self, number: int, params: TrialParams, k: int, n_blocks: int) -> None:
+    def line(self, text: str) -> None:
+        """``text`` as it is (a worker's output: no markup)."""
+        self.console.print(text, markup=False, highlight=False)
+
+    def trial_started(
+        self, number: int, params: TrialParams, k: int, n_blocks: int,
+        device: dict[str, Any] | None = None,
+    ) -> None:
+        where = f"  on {device_label(device)}" if device else ""
         self.console.print(
             f"[bold]trial {number}[/] {params.backbone}  freeze {k}/{n_blocks}  "
             f"lr {params.lr:.2e}  wd {params.weight_decay:.1e}  batch {params.batch_size}  "
-            f"α {params.alpha:.2f}"
+            f"α {params.alpha:.2f}{where}"
         )
 
     def epoch(self, number: int, result: EpochResult) -> None:

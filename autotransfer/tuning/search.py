@@ -7,6 +7,7 @@ URL, the data (loaded, decoded and split once) and every candidate backbone
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 from optuna.trial import TrialState
 
 from autotransfer.data.datasets import Dataset, Splits, load_dataset, load_splits
+from autotransfer.engine.device import WorkerDevice
 from autotransfer.engine.trainer import TrialError, evaluate
 from autotransfer.exceptions import AutotransferError, BackboneError, NoSuccessfulTrialsError
 from autotransfer.plugins.host import PluginHost, get_plugin_host
@@ -27,6 +29,7 @@ from autotransfer.store.records import CLASSES_ATTR, FAIL_REASON_ATTR, TEST_METR
 from autotransfer.store.recovery import after_trial, recover_lost_trials, writer_study
 from autotransfer.store.storage import artifact_store, default_artifacts_dir, open_storage
 from autotransfer.store.studies import create_or_resume, test_metrics
+from autotransfer.tuning.gpus import GpuPlan, launch
 from autotransfer.tuning.interrupts import handle_signals
 from autotransfer.tuning.objective import Objective, plugin_label
 from autotransfer.tuning.progress import Progress, quiet_failed_trials
@@ -38,6 +41,7 @@ class SearchOutcome:
     best: optuna.trial.FrozenTrial
     test: dict[str, Any]
     new_trials: int
+    dead_workers: list[str] = dataclasses.field(default_factory=list)
 
 
 def prepare_data(spec: StudySpec) -> tuple[Splits, Dataset | None]:
@@ -90,19 +94,23 @@ class WorkerInputs:
     splits: Splits
     source: Dataset | None
     host: PluginHost
+    device: WorkerDevice
 
 
 def load_worker_inputs(spec: StudySpec) -> WorkerInputs:
-    """Set the thread count, load and split the data, build every candidate once.
+    """Resolve the device, set the thread count, load and split the data, build
+    every candidate once.
 
     Raises:
-        UserInputError: bad data or backbone.
+        UserInputError: a device or precision this machine lacks, bad data or
+            backbone.
     """
+    device = WorkerDevice(spec.train)
     torch.set_num_threads(spec.train.threads or os.cpu_count() or 1)
     splits, source = prepare_data(spec)
     host = get_plugin_host()
     preflight(spec, host, len(splits.classes))
-    return WorkerInputs(splits, source, host)
+    return WorkerInputs(splits, source, host, device)
 
 
 def run_trials(
@@ -130,7 +138,9 @@ def run_trials(
         ran.append(trial.number)
 
     store = artifact_store(artifacts)
-    objective = Objective(spec, inputs.splits, inputs.host, store, progress, inputs.source)
+    objective = Objective(
+        spec, inputs.splits, inputs.host, store, progress, inputs.source, inputs.device
+    )
     study = writer_study(study, spec.recovery)  # heartbeats on
     # Last, on the study object that runs the trials: every ask claims a slot of
     # the study's shared budget first (keep this after any other re-opening).
@@ -159,8 +169,11 @@ def run_search(
     storage_url: str,
     artifacts: Path | None = None,
     progress: Progress | None = None,
+    gpus: GpuPlan | None = None,
 ) -> SearchOutcome:
-    """Run (or resume) the study described by ``spec``.
+    """Run (or resume) the study described by ``spec``; with a ``gpus`` plan
+    that spawns workers (:mod:`autotransfer.tuning.gpus`), they run the trials
+    and this process waits, then evaluates the best one.
 
     Raises:
         UserInputError: bad storage, data or backbone (before any trial runs).
@@ -195,15 +208,49 @@ def run_search(
     )
     # This process has no count of its own: it runs until the study's target
     # (``n_trials`` more than it had settled) is met, by it or by workers.
-    run_trials(
-        study, storage_url, spec, inputs, artifacts, progress, None, spec.timeout,
-        add_to_target=spec.n_trials if resumed else False,
-    )
+    add = spec.n_trials if resumed else False
+    dead: list[str] = []
+    if gpus is not None and gpus.spawn:
+        dead = run_on_gpus(study, storage_url, spec, artifacts, progress, gpus, add)
+    else:
+        run_trials(
+            study, storage_url, spec, inputs, artifacts, progress, None, spec.timeout,
+            add_to_target=add,
+        )
     best = best_trial(study)
     test = evaluate_best_on_test(
-        study, best, inputs.host, artifact_store(artifacts), splits, spec
+        study, best, inputs.host, artifact_store(artifacts), splits, spec, inputs.device
     )
-    return SearchOutcome(study, best, test, _started(study) - before)
+    return SearchOutcome(study, best, test, _started(study) - before, dead)
+
+
+def run_on_gpus(
+    study: optuna.Study,
+    storage_url: str,
+    spec: StudySpec,
+    artifacts: Path,
+    progress: Progress,
+    plan: GpuPlan,
+    add_to_target: int | None | bool = False,
+    data: str | None = None,
+    n_trials: int | None = None,
+) -> list[str]:
+    """Run the study's trials in one worker process per slot of ``plan``, as
+    :func:`run_trials` would in this one (lost trials queued first, the target
+    set); returns the workers that died, described."""
+    store = artifact_store(artifacts)
+    writer = BudgetedStudy(
+        writer_study(study, spec.recovery), budget_lock(storage_url, study.study_name)
+    )
+    recover_lost_trials(writer, store, progress.message)
+    if add_to_target is not False:
+        writer.set_target(add_to_target)
+    dead = launch(
+        plan, storage_url, study.study_name, str(artifacts), progress.line,
+        lambda: recover_lost_trials(writer, store, progress.message), data, spec.timeout,
+        n_trials,
+    )
+    return [e.describe() for e in dead]
 
 
 def _started(study: optuna.Study) -> int:
@@ -240,9 +287,11 @@ def evaluate_best_on_test(
     store: object,
     splits: Splits,
     spec: StudySpec,
+    device: WorkerDevice | None = None,
 ) -> dict[str, Any]:
-    """Test-set metrics of the best trial, from its checkpoint (computed once):
-    accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix
+    """Test-set metrics of the best trial, from its checkpoint (computed once),
+    on ``device`` (the GPU when there is one): accuracy, macro-F1, per-class
+    precision/recall/F1 and the confusion matrix
     (:meth:`~autotransfer.engine.trainer.Metrics.record`)."""
     known = test_metrics(study)
     if str(best.number) in known:
@@ -251,7 +300,12 @@ def evaluate_best_on_test(
         best, host, store, num_classes=len(splits.classes), image_size=spec.data.image_size,
         listed=spec.search.backbones,
     )
-    m = evaluate(backbone, splits.test, spec.train.eval_batch_size)
+    device = device or WorkerDevice.for_evaluation(spec.train)
+    placement = device.placement(backbone)
+    placement.place_model(backbone.model)
+    m = evaluate(
+        backbone, device.data(splits.test), spec.train.eval_batch_size, placement=placement
+    )
     result = m.record(list(splits.classes))
     known[str(best.number)] = result
     study.set_user_attr(TEST_METRICS_ATTR, known)

@@ -13,7 +13,7 @@ import os
 import socket
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
@@ -29,14 +29,16 @@ from autotransfer.store.studies import (
     make_sampler,
     stored_spec,
 )
+from autotransfer.tuning.gpus import plan_gpus
 from autotransfer.tuning.progress import Progress
-from autotransfer.tuning.search import load_worker_inputs, run_trials
+from autotransfer.tuning.search import load_worker_inputs, run_on_gpus, run_trials
 
 
 @dataclass
 class WorkerOutcome:
     study: optuna.Study
     ran: int
+    dead_workers: list[str] = field(default_factory=list)
 
 
 def worker_salt() -> int:
@@ -120,11 +122,16 @@ def run_worker(
     progress: Progress | None = None,
     wait: float = 0.0,
     debug: bool = False,
+    gpus: str | None = None,
+    trials_per_gpu: int = 1,
 ) -> WorkerOutcome:
     """Join the existing study ``study_name`` and run trials until the study's
     target is met (:mod:`autotransfer.store.budget`) or this worker's own limits
     (``n_trials``, ``timeout``) are reached. ``wait``: seconds to wait for the
     study to be created. ``debug``: show Optuna's own traceback of a failed trial.
+    ``gpus`` / ``trials_per_gpu``: more than one worker slot starts one worker
+    process per slot instead
+    (:mod:`autotransfer.tuning.gpus`; ``n_trials`` is then each one's limit).
 
     Raises:
         UserInputError: no such study, not an autotransfer study, artifacts
@@ -134,6 +141,13 @@ def run_worker(
     spec = joined_spec(study, data)
     path = joined_artifacts(study, artifacts)
     progress = progress or Progress(epochs=spec.train.epochs, debug=debug)
+    plan = plan_gpus(gpus, trials_per_gpu, spec.train.device)
+    if plan.spawn:
+        before = len(study.trials)
+        dead = run_on_gpus(
+            study, storage_url, spec, path, progress, plan, data=data, n_trials=n_trials
+        )
+        return WorkerOutcome(study, len(study.trials) - before, dead)
     inputs = load_worker_inputs(spec)
     stored_classes = study.user_attrs.get(CLASSES_ATTR)
     if stored_classes is not None and list(stored_classes) != list(inputs.splits.classes):
