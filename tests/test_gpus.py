@@ -104,7 +104,7 @@ def _wait(proc: subprocess.Popen, storage_url: str, ready, limit: float = 180):
 
 def _running(trials, n: int = 1):
     running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING
-               and "worker" in t.user_attrs]
+               and {"worker", "device"} <= t.user_attrs.keys()]
     return running if len(running) >= n else None
 
 
