@@ -1,0 +1,505 @@
+"""Quality benchmark: does the search's pick beat what a practitioner does by hand?
+
+For each data set x seed x arm it runs the product through its public surface
+only (the ``autotransfer search`` command with a generated spec, ``--json`` and
+``--export``; ``autotransfer export --trial``; ``autotransfer.load().predict``)
+and scores the exported model on a held-out test set that the product never
+sees. The arms:
+
+- ``finetune``: plain full fine-tune, one trial: freeze 0, lr 1e-3, alpha 0.
+- ``probe``: linear probe, one trial: freeze 1.0 (every trunk block frozen),
+  lr 1e-2, alpha 0.
+- ``search``: the search at the spec's defaults (TPE, Hyperband with the general
+  defaults, ``n_trials`` trials, l2sp, default ranges and split).
+- ``random``: the same spec with ``sampler.type: random``, run until it has
+  trained at least as many epochs as ``search`` did (pruned trials count the
+  epochs they ran); its pick is the best validation trial among the first
+  trials whose epochs add up to at most the search's, exported with
+  ``autotransfer export --trial``.
+
+Every arm trains ``--epochs`` epochs per trial (6) with the same backbone
+(pretrained ``timm:tf_efficientnet_lite0@packaged`` for images,
+``hf:sentence-transformers/all-MiniLM-L6-v2@packaged`` for texts), the same
+pool of labelled examples and the same seed (spec ``seed`` and ``data.seed``),
+so the arms of one seed see the same train/validation split. All other spec
+fields are the product's defaults, whatever they are at the commit under test.
+
+The held-out test set: a fixed, stratified 25 % of each set (seed 12345,
+independent of the run seed), written apart from the pool the product gets, so
+changes of the product's own split defaults do not change the test set. The
+product's own test split of the pool (``test`` in its JSON) is recorded too.
+
+    python bench/datasets.py                   # build the four sets (see its docstring)
+    python bench/quality.py                    # all sets, seeds 0 1 2, ~50 min on 2 CPU cores
+    python bench/quality.py --quick            # one set per modality, one seed, tiny sizes
+    python bench/quality.py --sets emoji fortunes --seeds 0 --name mytry
+
+Writes ``bench/results/quality-<name>.json`` and ``.md`` (``--name`` defaults to
+``cpu<cores>``; ``--quick`` runs write ``quality-<name>-quick``). Work files
+(studies, exports, pools) go to ``--work`` (a temporary directory by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import datasets  # noqa: E402  (bench/datasets.py, next to this file)
+
+RESULTS = ROOT / "bench" / "results"
+IMAGE_BACKBONE = "timm:tf_efficientnet_lite0@packaged"
+TEXT_BACKBONE = "hf:sentence-transformers/all-MiniLM-L6-v2@packaged"
+ARMS = ["finetune", "probe", "search", "random"]
+FIXED = {
+    "finetune": {"freeze": 0.0, "lr": 1.0e-3, "alpha": 0.0},
+    "probe": {"freeze": 1.0, "lr": 1.0e-2, "alpha": 0.0},
+}
+TEST_FRACTION = 0.25
+TEST_SEED = 12345
+
+
+# ------------------------------------------------------------------ data
+
+def read_set(folder: Path) -> tuple[str, list[tuple[str, str]]]:
+    """(modality, [(item, label)]) of a materialised set: items are PNG paths
+    (image folder, one sub-folder per class) or texts (``data.csv``)."""
+    if (folder / "data.csv").exists():
+        with (folder / "data.csv").open(encoding="utf-8", newline="") as f:
+            return "text", [(r["text"], r["label"]) for r in csv.DictReader(f)]
+    items = [(str(p), p.parent.name) for p in sorted(folder.glob("*/*.png"))]
+    if not items:
+        raise SystemExit(f"error: {folder} holds neither data.csv nor class folders of PNGs")
+    return "image", items
+
+
+def hold_out(items: list[tuple[str, str]], fraction: float = TEST_FRACTION,
+             seed: int = TEST_SEED) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Stratified (pool, test) split, fixed by ``seed``."""
+    by_class: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for item in items:
+        by_class[item[1]].append(item)
+    rng = np.random.default_rng(seed)
+    pool, test = [], []
+    for label in sorted(by_class):
+        group = by_class[label]
+        order = rng.permutation(len(group))
+        n_test = max(1, round(fraction * len(group)))
+        test += [group[i] for i in order[:n_test]]
+        pool += [group[i] for i in order[n_test:]]
+    return pool, test
+
+
+def write_pool(modality: str, pool: list[tuple[str, str]], dest: Path) -> Path:
+    """The pool the product gets, as a data path: a class-folder copy or a CSV."""
+    if modality == "text":
+        dest.mkdir(parents=True, exist_ok=True)
+        path = dest / "pool.csv"
+        with path.open("w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["text", "label"])
+            writer.writerows(pool)
+        return path
+    for src, label in pool:
+        (dest / label).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest / label / Path(src).name)
+    return dest
+
+
+# ------------------------------------------------------------------ product calls
+
+def cli(*args: str, cwd: Path) -> dict[str, Any]:
+    """Run ``autotransfer ARGS --json``; its JSON result (stdout)."""
+    exe = shutil.which("autotransfer") or str(Path(sys.executable).parent / "autotransfer")
+    proc = subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"autotransfer {' '.join(args)} failed ({proc.returncode}):\n"
+                           f"{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout) if "--json" in args else {}
+
+
+def make_spec(arm: str, name: str, data: Path, modality: str, backbone: str, seed: int,
+              epochs: int, image_size: int, n_trials: int, threads: int | None = None
+              ) -> dict[str, Any]:
+    """The spec of one arm: only what the arm needs to say; the rest is default."""
+    spec: dict[str, Any] = {
+        "name": name,
+        "data": {"path": str(data), "seed": seed},
+        "search": {"backbones": [backbone]},
+        "train": {"epochs": epochs},
+        "n_trials": n_trials,
+        "seed": seed,
+    }
+    if modality == "image":
+        spec["data"]["image_size"] = image_size
+    if threads:
+        spec["train"]["threads"] = threads  # speed (float sums may differ in the last bits)
+    if arm in FIXED:
+        spec["search"].update(FIXED[arm])
+        spec["n_trials"] = 1
+        spec["pruner"] = {"type": "none"}
+    elif arm == "random":
+        spec["sampler"] = {"type": "random"}
+    return spec
+
+
+def score(export_dir: Path, test: list[tuple[str, str]]) -> dict[str, float]:
+    import autotransfer
+
+    model = autotransfer.load(export_dir)
+    preds = [p.label for p in model.predict([item for item, _ in test])]
+    truth = [label for _, label in test]
+    labels = sorted(set(truth))
+    f1s = []
+    for c in labels:
+        tp = sum(p == c and t == c for p, t in zip(preds, truth, strict=True))
+        fp = sum(p == c and t != c for p, t in zip(preds, truth, strict=True))
+        fn = sum(p != c and t == c for p, t in zip(preds, truth, strict=True))
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    acc = sum(p == t for p, t in zip(preds, truth, strict=True)) / len(truth)
+    return {"accuracy": acc, "macro_f1": sum(f1s) / len(f1s), "n": len(truth)}
+
+
+def epochs_of(trials: list[dict[str, Any]]) -> int:
+    return sum(int(t.get("epochs_run") or 0) for t in trials)
+
+
+def run_arm(arm: str, ctx: dict[str, Any], budget: int | None = None) -> dict[str, Any]:
+    """One arm on one set and seed: the search, the pick's export, its test score."""
+    work: Path = ctx["work"] / f"{ctx['set']}-s{ctx['seed']}-{arm}"
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    spec = make_spec(arm, f"{ctx['set']}-s{ctx['seed']}-{arm}", ctx["data"], ctx["modality"],
+                     ctx["backbone"], ctx["seed"], ctx["epochs"], ctx["image_size"],
+                     ctx["n_trials"], ctx.get("threads"))
+    (work / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    common = ["--storage", f"sqlite:///{work / 'study.db'}", "--artifacts", str(work / "art")]
+    load0 = os.getloadavg()[0]
+    t0 = time.monotonic()
+    export = work / "export"
+    result = cli("search", "spec.yaml", *common, "--json", "--export", str(export), cwd=work)
+    trials = result["trials"]
+    runs = 1
+    if arm == "random" and budget is not None:
+        while epochs_of(trials) < budget:
+            done = [t for t in trials if t.get("epochs_run")]
+            per_trial = max(1.0, epochs_of(done) / max(1, len(done)))
+            more = max(1, int(np.ceil((budget - epochs_of(trials)) / per_trial)))
+            result = cli("search", "spec.yaml", *common, "--n-trials", str(more), "--json",
+                         cwd=work)
+            trials = result["trials"]
+            runs += 1
+        # the pick within the budget: first trials whose epochs add up to <= budget
+        used, within = 0, []
+        for t in sorted(trials, key=lambda t: t["number"]):
+            used += int(t.get("epochs_run") or 0)
+            if used > budget:
+                break
+            within.append(t)
+        done = [t for t in within if t["state"] == "COMPLETE" and t.get("value") is not None]
+        pick = max(done, key=lambda t: (t["value"], -t["number"]))
+        trials_counted = within
+        if pick["number"] != result.get("best_trial") or not export.exists():
+            if export.exists():
+                shutil.rmtree(export)
+            cli("export", *common, "--study-name", spec["name"], "--trial", str(pick["number"]),
+                str(export), cwd=work)
+    else:
+        pick = next(t for t in trials if t["number"] == result["best_trial"])
+        trials_counted = trials
+    search_seconds = time.monotonic() - t0
+    test = score(export, ctx["test"])
+    out = {
+        "arm": arm,
+        "test_accuracy": test["accuracy"],
+        "test_macro_f1": test["macro_f1"],
+        "test_n": test["n"],
+        "picked_trial": pick["number"],
+        "picked_params": pick["params"],
+        "picked_val_accuracy": pick.get("val_accuracy"),
+        "picked_best_epoch": pick.get("best_epoch"),
+        "product_test": result.get("test") if pick["number"] == result.get("best_trial") else None,
+        "n_trials": len(trials_counted),
+        "n_trials_run": len(trials),
+        "n_pruned": sum(t["state"] == "PRUNED" for t in trials_counted),
+        "epochs_trained": epochs_of(trials_counted),
+        "epochs_trained_all": epochs_of(trials),
+        "cli_runs": runs,
+        "wall_seconds": round(time.monotonic() - t0, 1),
+        "search_seconds": round(search_seconds, 1),
+        "load_before": round(load0, 2),
+        "load_after": round(os.getloadavg()[0], 2),
+        "trials": [{k: t.get(k) for k in ("number", "state", "value", "params", "epochs_run",
+                                          "best_epoch", "pruned_at_epoch", "val_f1")}
+                   for t in trials],
+    }
+    if not ctx.get("keep"):
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def prepare_set(name: str, folder: Path, work: Path) -> dict[str, Any]:
+    """Read a materialised set, hold out its test set, write the pool."""
+    modality, items = read_set(folder)
+    pool, test = hold_out(items)
+    data = write_pool(modality, pool, work / f"{name}-pool")
+    meta_file = folder / "dataset.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+    return {
+        "name": name, "modality": modality, "data": data, "test": test,
+        "n_examples": len(items), "n_pool": len(pool), "n_test": len(test),
+        "n_classes": len({label for _, label in items}),
+        "source": meta.get("source", "generated (test)"), "licence": meta.get("licence", "-"),
+        "labels": meta.get("labels", "-"), "runs": [],
+    }
+
+
+def run_seed(prepared: dict[str, Any], seed: int, arms: list[str], work: Path, epochs: int,
+             image_size: int, n_trials: int, backbones: dict[str, str], keep: bool = False,
+             log: Any = print, on_run: Any = None, threads: int | None = None) -> None:
+    """Every arm on one prepared set and seed; runs are appended to it."""
+    ctx = {"set": prepared["name"], "seed": seed, "work": work, "data": prepared["data"],
+           "modality": prepared["modality"], "backbone": backbones[prepared["modality"]],
+           "epochs": epochs, "image_size": image_size, "n_trials": n_trials,
+           "test": prepared["test"], "keep": keep, "threads": threads}
+    budget = None
+    for arm in arms:
+        if arm == "random" and budget is None:
+            raise SystemExit("error: the random arm needs the search arm before it")
+        r = run_arm(arm, ctx, budget)
+        r["seed"] = seed
+        if arm == "search":
+            budget = r["epochs_trained"]
+        prepared["runs"].append(r)
+        log(f"{prepared['name']} seed {seed} {arm:8s}: test acc {r['test_accuracy']:.3f} "
+            f"F1 {r['test_macro_f1']:.3f}  val {r['picked_val_accuracy']:.3f}  "
+            f"{r['n_trials']} trials {r['epochs_trained']} epochs  {r['wall_seconds']:.0f}s"
+            f"  load {r['load_before']:.1f}")
+        if on_run:
+            on_run()
+
+
+def public(prepared: dict[str, Any], arms: list[str], backbones: dict[str, str]
+           ) -> dict[str, Any]:
+    out = {k: v for k, v in prepared.items() if k not in ("data", "test")}
+    out["backbone"] = backbones[prepared["modality"]]
+    out["summary"] = summarise(prepared["runs"], arms)
+    return out
+
+
+def run_set(name: str, folder: Path, seeds: list[int], arms: list[str], work: Path,
+            epochs: int, image_size: int, n_trials: int, backbones: dict[str, str],
+            keep: bool = False, log: Any = print) -> dict[str, Any]:
+    """Every seed and arm on one set (the test's entry point)."""
+    prepared = prepare_set(name, folder, work)
+    for seed in seeds:
+        run_seed(prepared, seed, arms, work, epochs, image_size, n_trials, backbones, keep, log)
+    return public(prepared, arms, backbones)
+
+
+def summarise(runs: list[dict[str, Any]], arms: list[str]) -> dict[str, Any]:
+    def ms(values: list[float]) -> dict[str, float]:
+        return {"mean": statistics.fmean(values),
+                "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+    out = {}
+    for arm in arms:
+        rs = [r for r in runs if r["arm"] == arm]
+        if not rs:
+            continue
+        out[arm] = {
+            "test_accuracy": ms([r["test_accuracy"] for r in rs]),
+            "test_macro_f1": ms([r["test_macro_f1"] for r in rs]),
+            "val_accuracy": ms([r["picked_val_accuracy"] for r in rs]),
+            "epochs_trained": ms([r["epochs_trained"] for r in rs]),
+            "wall_seconds": ms([r["wall_seconds"] for r in rs]),
+            "seeds": len(rs),
+        }
+    return out
+
+
+# ------------------------------------------------------------------ report
+
+def machine() -> str:
+    import torch
+
+    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{platform.machine()}, {os.cpu_count()} CPU cores, {cuda}, "
+            f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "
+            f"torch {torch.__version__}")
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"# Quality benchmark: {report['name']}", "",
+             f"Machine: {report['machine']}. Commit {report['commit']}. "
+             f"Started {report['started']}, {report['wall_minutes']:.1f} min in all; "
+             f"1-min load average seen {report['load_min']:.1f} to {report['load_max']:.1f} "
+             "(2 cores: above 2 means other work shared them).", "",
+             f"Command: `{report['command']}`", "",
+             f"Seeds {report['seeds']}; {report['epochs']} epochs per trial; images at "
+             f"{report['image_size']} px; search arm {report['n_trials']} trials (spec "
+             "defaults otherwise); finetune = freeze 0, lr 1e-3, α 0; probe = freeze 1.0, "
+             "lr 1e-2, α 0; random = sampler.type random, picked within the search's "
+             "trained epochs. Test = a fixed stratified 25 % held out from each set (never "
+             "given to the product); the product gets the other 75 % and splits it with its "
+             "own defaults.", "",
+             "## Test accuracy and macro-F1 (mean ± std over seeds)", "",
+             "| set | arm | test acc | test macro-F1 | picked val acc | epochs | wall s |",
+             "|---|---|---|---|---|---|---|"]
+    for s in report["sets"]:
+        for arm, m in s["summary"].items():
+            lines.append(
+                f"| {s['name']} | {arm} | {m['test_accuracy']['mean']:.3f} ± "
+                f"{m['test_accuracy']['std']:.3f} | {m['test_macro_f1']['mean']:.3f} ± "
+                f"{m['test_macro_f1']['std']:.3f} | {m['val_accuracy']['mean']:.3f} | "
+                f"{m['epochs_trained']['mean']:.0f} | {m['wall_seconds']['mean']:.0f} |")
+    lines += ["", "## Per seed (test accuracy; picked trial's val accuracy in brackets)", "",
+              "| set | seed | " + " | ".join(report["arms"]) + " |",
+              "|---|---|" + "---|" * len(report["arms"])]
+    for s in report["sets"]:
+        for seed in report["seeds"]:
+            cells = []
+            for arm in report["arms"]:
+                r = next((r for r in s["runs"] if r["seed"] == seed and r["arm"] == arm), None)
+                cells.append("-" if r is None else
+                             f"{r['test_accuracy']:.3f} ({r['picked_val_accuracy']:.3f})")
+            lines.append(f"| {s['name']} | {seed} | " + " | ".join(cells) + " |")
+    lines += ["", "## Targets (issue 15), from the means above", ""]
+    lines += targets(report)
+    lines += ["", "## Data sets", "",
+              "| set | modality | examples (pool / test) | classes | source | licence | labels |",
+              "|---|---|---|---|---|---|---|"]
+    for s in report["sets"]:
+        lines.append(f"| {s['name']} | {s['modality']} | {s['n_examples']} ({s['n_pool']} / "
+                     f"{s['n_test']}) | {s['n_classes']} | {s['source']} | {s['licence']} | "
+                     f"{s['labels']} |")
+    return "\n".join(lines) + "\n"
+
+
+def targets(report: dict[str, Any]) -> list[str]:
+    lines, gaps = [], []
+    for s in report["sets"]:
+        m = s["summary"]
+        if not all(a in m for a in ARMS):
+            continue
+        acc = {a: m[a]["test_accuracy"]["mean"] for a in ARMS}
+        hand = max(acc["finetune"], acc["probe"])
+        gaps.append(acc["search"] - hand)
+        vs_hand = "met" if acc["search"] >= hand else "MISSED"
+        vs_random = "met" if acc["search"] >= acc["random"] else "MISSED"
+        lines.append(f"- {s['name']}: search {acc['search']:.3f} vs better hand baseline "
+                     f"{hand:.3f} ({vs_hand}), vs random {acc['random']:.3f} ({vs_random})")
+    if gaps:
+        mean_gap = statistics.fmean(gaps)
+        lines.append(f"- over all sets: search − better hand baseline = {100 * mean_gap:+.1f} "
+                     f"points (target +3: {'met' if mean_gap >= 0.03 else 'MISSED'})")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sets", nargs="*", default=None,
+                        help=f"data sets (default: all of {', '.join(datasets.BUILDERS)})")
+    parser.add_argument("--data", type=Path, default=datasets.DEFAULT_OUT,
+                        help="where the sets are (built there if missing)")
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
+    parser.add_argument("--arms", nargs="*", default=ARMS, choices=ARMS)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--n-trials", type=int, default=10, help="the search arm's trials")
+    parser.add_argument("--per-class", type=int, default=100, help="examples per class, at most")
+    parser.add_argument("--image-backbone", default=IMAGE_BACKBONE)
+    parser.add_argument("--text-backbone", default=TEXT_BACKBONE)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="train.threads of every spec (default: the product's, all cores);"
+                        " 1 helps on a machine shared with other work")
+    parser.add_argument("--quick", action="store_true",
+                        help="emoji + fortunes, seed 0, 30 per class, 32 px, 3 trials, 2 epochs")
+    parser.add_argument("--name", default=f"cpu{os.cpu_count()}",
+                        help="results file: bench/results/quality-NAME.json/.md")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--work", type=Path, default=None, help="work folder (default: temp)")
+    parser.add_argument("--keep", action="store_true", help="keep studies and exports")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sets = args.sets or ["emoji", "fortunes"]
+        args.seeds, args.per_class, args.image_size = [0], 30, 32
+        args.n_trials, args.epochs = 3, 2
+        args.name += "-quick"
+    names = args.sets or list(datasets.BUILDERS)
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    t0 = time.monotonic()
+    work = args.work or Path(tempfile.mkdtemp(prefix="autotransfer-quality-"))
+    work.mkdir(parents=True, exist_ok=True)
+    backbones = {"image": args.image_backbone, "text": args.text_backbone}
+    prepared = []
+    for name in names:
+        if name in datasets.BUILDERS:
+            out = args.data / f"per-class-{args.per_class}" if args.per_class != 100 else args.data
+            folder = datasets.build(name, out, per_class=args.per_class)
+        else:
+            folder = Path(name)
+        prepared.append(prepare_set(folder.name, folder, work))
+    args.results.mkdir(parents=True, exist_ok=True)
+    stem = args.results / f"quality-{args.name}"
+
+    def write() -> dict[str, Any]:
+        sets = [public(p, args.arms, backbones) for p in prepared if p["runs"]]
+        loads = [r[k] for s in sets for r in s["runs"] for k in ("load_before", "load_after")]
+        report = {
+            "name": args.name, "machine": machine(), "commit": git_commit(),
+            "started": started, "wall_minutes": (time.monotonic() - t0) / 60,
+            "command": "python bench/quality.py " + " ".join(
+                argv if argv is not None else sys.argv[1:]),
+            "seeds": args.seeds, "arms": args.arms, "epochs": args.epochs,
+            "image_size": args.image_size, "n_trials": args.n_trials,
+            "per_class": args.per_class, "threads": args.threads, "test_fraction": TEST_FRACTION,
+            "test_seed": TEST_SEED, "fixed_arms": FIXED, "load_min": min(loads),
+            "load_max": max(loads), "sets": sets,
+        }
+        stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+        stem.with_suffix(".md").write_text(markdown(report))
+        return report
+
+    # seeds outermost: a run stopped early still has every set at the first seeds
+    for seed in args.seeds:
+        for p in prepared:
+            print(f"== {p['name']} seed {seed}", flush=True)
+            run_seed(p, seed, args.arms, work, args.epochs, args.image_size, args.n_trials,
+                     backbones, args.keep, log=lambda s: print(s, flush=True), on_run=write,
+                     threads=args.threads)
+    report = write()
+    print(markdown(report))
+    print(f"wrote {stem}.json and .md")
+    if args.work is None and not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

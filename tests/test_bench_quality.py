@@ -1,0 +1,117 @@
+"""bench/datasets.py and bench/quality.py: the set builders and the harness's
+arm accounting, on a tiny generated set with a tiny random-init model (the real
+sets and backbones are the benchmark's business, not the suite's)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _load(name: str):
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+datasets = _load("datasets")
+quality = _load("quality")
+
+
+def test_balanced_is_seeded_capped_and_order_free() -> None:
+    groups = {"a": [f"a{i}" for i in range(30)], "b": [f"b{i}" for i in range(5)]}
+    picked = datasets.balanced(groups, per_class=10, seed=3)
+    assert [len(picked["a"]), len(picked["b"])] == [10, 5]
+    shuffled = {"a": list(reversed(groups["a"])), "b": groups["b"]}
+    assert datasets.balanced(shuffled, per_class=10, seed=3) == picked
+    assert datasets.balanced(groups, per_class=10, seed=4)["a"] != picked["a"]
+
+
+@pytest.mark.parametrize("name", list(datasets.BUILDERS))
+def test_builders_write_a_labelled_set(name: str, tmp_path: Path) -> None:
+    sources = {"emoji": datasets.EMOJI_FONT, "stamps": datasets.STAMPS,
+               "fortunes": datasets.FORTUNES, "debian-sections": Path("/usr/bin/apt-cache")}
+    if not sources[name].exists():
+        pytest.skip(f"{name}: its Debian source is not installed (bench/datasets.py)")
+    folder = datasets.build(name, tmp_path, per_class=3, seed=0)
+    meta = json.loads((folder / "dataset.json").read_text())
+    assert meta["n_classes"] == 8 and meta["licence"] and meta["source"]
+    assert all(1 <= n <= 3 for n in meta["counts"].values())
+    modality, items = quality.read_set(folder)
+    assert modality == datasets.MODALITY[name]
+    assert len(items) == meta["n_examples"]
+    again = datasets.build(name, tmp_path / "again", per_class=3, seed=0)
+    assert sorted(quality.read_set(again)[1]) == sorted(
+        (item.replace(str(folder), str(again)), label) for item, label in items)
+
+
+def test_hold_out_is_stratified_fixed_and_disjoint() -> None:
+    items = [(f"x{c}{i}", c) for c in "abc" for i in range(20)]
+    pool, test = quality.hold_out(items)
+    assert len(test) == 15 and len(pool) == 45
+    assert {label for _, label in test} == {"a", "b", "c"}
+    assert not {i for i, _ in pool} & {i for i, _ in test}
+    assert quality.hold_out(list(reversed(items)))[1] != [] and quality.hold_out(items) == (
+        pool, test)
+
+
+def test_fixed_arms_pin_the_space_and_random_sets_the_sampler(tmp_path: Path) -> None:
+    args = (tmp_path, "image", "timm:x@none", 1, 6, 64, 10)
+    finetune = quality.make_spec("finetune", "n", *args)
+    assert finetune["search"] | {} == {"backbones": ["timm:x@none"], "freeze": 0.0,
+                                      "lr": 1e-3, "alpha": 0.0}
+    assert finetune["n_trials"] == 1
+    assert quality.make_spec("probe", "n", *args)["search"]["freeze"] == 1.0
+    assert quality.make_spec("random", "n", *args)["sampler"] == {"type": "random"}
+    search = quality.make_spec("search", "n", *args)
+    assert "sampler" not in search and "pruner" not in search and search["n_trials"] == 10
+
+
+def test_harness_arms_on_a_tiny_set(tmp_path: Path, make_images) -> None:
+    from conftest import TINY_BACKBONE
+
+    folder = make_images(tmp_path / "tiny", per_class=20, size=32)
+    result = quality.run_set(
+        "tiny", folder, seeds=[0], arms=quality.ARMS, work=tmp_path / "work", epochs=2,
+        image_size=32, n_trials=3, backbones={"image": TINY_BACKBONE, "text": "-"},
+        log=lambda _: None)
+    runs = {r["arm"]: r for r in result["runs"]}
+    assert set(runs) == set(quality.ARMS)
+    assert result["n_test"] == 15 and result["n_pool"] == 45
+    for arm in ("finetune", "probe"):
+        assert runs[arm]["n_trials"] == 1 and runs[arm]["epochs_trained"] == 2
+    assert runs["finetune"]["picked_params"]["freeze"] == 0.0
+    assert runs["probe"]["picked_params"]["freeze"] == 1.0
+    assert runs["search"]["n_trials"] == 3
+    budget = runs["search"]["epochs_trained"]
+    assert budget == sum(t["epochs_run"] or 0 for t in runs["search"]["trials"])
+    # random search: run to at least the search's epochs, picked within them
+    assert runs["random"]["epochs_trained"] <= budget <= runs["random"]["epochs_trained_all"]
+    for r in runs.values():
+        assert 0.0 <= r["test_accuracy"] <= 1.0 and r["test_n"] == 15
+    summary = result["summary"]
+    assert set(summary) == set(quality.ARMS) and summary["search"]["seeds"] == 1
+    report = {"name": "t", "machine": "m", "commit": "c", "started": "s", "wall_minutes": 1.0,
+              "load_min": 0.0, "load_max": 1.0, "command": "x", "seeds": [0],
+              "epochs": 2, "image_size": 32, "n_trials": 3, "arms": quality.ARMS,
+              "sets": [result]}
+    md = quality.markdown(report)
+    assert "| tiny | search |" in md and "over all sets" in md
+
+
+def test_text_pool_is_a_csv(tmp_path: Path) -> None:
+    rows = [(f"text {i}", "ab"[i % 2]) for i in range(8)]
+    path = quality.write_pool("text", rows, tmp_path / "p")
+    with path.open(encoding="utf-8", newline="") as f:
+        assert [(r["text"], r["label"]) for r in csv.DictReader(f)] == rows
