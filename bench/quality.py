@@ -30,7 +30,7 @@ changes of the product's own split defaults do not change the test set. The
 product's own test split of the pool (``test`` in its JSON) is recorded too.
 
     python bench/datasets.py                   # build the four sets (see its docstring)
-    python bench/quality.py                    # all sets, seeds 0 1 2, ~50 min on 2 CPU cores
+    python bench/quality.py --per-class 80     # all sets, seeds 0 1 2 (not timed whole yet)
     python bench/quality.py --quick            # one set per modality, one seed, tiny sizes
     python bench/quality.py --sets emoji fortunes --seeds 0 --name mytry
 
