@@ -61,8 +61,10 @@ def search(
     backbones: Annotated[
         str | None,
         typer.Option(
-            help="Comma-separated candidates family:model[@weights], e.g. "
-            "timm:resnet18@pretrained,timm:tf_efficientnet_lite0@packaged.",
+            help="Comma-separated candidates family:model@weights (weights: pretrained, "
+            "the default, packaged, none or a file), e.g. "
+            "timm:resnet18@pretrained,timm:tf_efficientnet_lite0@packaged. Without a spec "
+            "file: the pretrained candidates for the data's modality this machine can have.",
         ),
     ] = None,
     n_trials: Annotated[
