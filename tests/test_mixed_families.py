@@ -32,7 +32,8 @@ def test_one_study_mixes_timm_torchvision_and_hf(
         f"hf:{hf_model_dirs['vit']}@pretrained",  # a save_pretrained directory, offline
     ]
     spec = write_spec(**{"name": "mixed", "n_trials": 4, "train.epochs": 1,
-                         "search.backbones": keys, "sampler.try_each_backbone": True})
+                         "search.backbones": keys, "sampler.try_each_backbone": True,
+                         "sampler.portfolio": False})
     storage = f"sqlite:///{tmp_path / 'mixed.db'}"
     result = invoke("search", spec, "--storage", storage, "--json")
     assert result.exit_code == 0, result.output
@@ -78,7 +79,8 @@ def _queued(study: optuna.Study) -> list[str]:
 def test_a_new_study_queues_each_backbone_once(
     overrides: dict, expected: list, tiny_spec, tmp_path: Path
 ) -> None:
-    spec = tiny_spec(**{"n_trials": 5, "sampler.try_each_backbone": True, "search.backbones": [
+    spec = tiny_spec(**{"n_trials": 5, "sampler.try_each_backbone": True,
+                        "sampler.portfolio": False, "search.backbones": [
         "timm:test_resnet@none", "timm:test_vit@none", "timm:test_efficientnet@none"],
         **overrides})
     storage = f"sqlite:///{tmp_path / 's.db'}"

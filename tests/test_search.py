@@ -28,7 +28,8 @@ def _quiet() -> Progress:
 def test_a_trial_that_falls_behind_is_pruned(tiny_spec, storage_url: str, tmp_path: Path) -> None:
     spec = tiny_spec(**{
         "name": "prune", "n_trials": 3, "train.epochs": 2,
-        "pruner": {"type": "median", "warmup_epochs": 1},
+        "pruner": {"type": "median", "warmup_epochs": 1, "patience": None},
+        "sampler.portfolio": False,
         "search.freeze": {"low": 0.0, "high": 1.0},
         "search.lr": {"low": 1e-7, "high": 1e-2, "log": True},
     })

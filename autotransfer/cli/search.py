@@ -236,7 +236,8 @@ def _describe_defaults(spec: StudySpec, named_after_data: bool, notes: list[str]
         + (" (named after the data; --study-name to change)" if named_after_data else ""),
         f"  {budget}, {limit}, {spec.train.epochs} epochs per trial, {shape}, split "
         f"train/val/test {split.train:g}/{split.val:g}/{split.test:g}, retention "
-        f"{spec.retention}, pruner {spec.pruner.type}, sampler {spec.sampler.type}",
+        f"{'/'.join(spec.retention_kinds)}, pruner {spec.pruner.type}, "
+        f"sampler {spec.sampler.type}",
         f"  {source}: {backbones}",
         *notes[1:],
         "  a spec file (docs/spec.md) or flags (--backbones, --n-trials, --timeout, "

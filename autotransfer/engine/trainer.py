@@ -79,6 +79,8 @@ class TrialParams:
     weight_decay: float
     batch_size: int
     alpha: float
+    retention: str | None = None
+    """``L_pre``'s kind (``none``: no retention); None: the spec's first kind."""
 
 
 @dataclass(frozen=True)
@@ -271,9 +273,10 @@ class Trainer:
                 "preprocessing": json.dumps(backbone.preprocessing.to_dict(), sort_keys=True),
                 "data": spec.data.model_dump_json(exclude={"augment"}),
             }
+        self.retention_kind = params.retention or spec.retention_kinds[0]
         self.retention = (
             make_retention(
-                spec.retention,
+                self.retention_kind,
                 backbone,
                 source=source,
                 batch_size=params.batch_size,
@@ -281,7 +284,7 @@ class Trainer:
                 device=self.device,
                 channels_last=placement.channels_last,
             )
-            if params.alpha > 0
+            if params.alpha > 0 and self.retention_kind != "none"
             else None
         )
         trainable = [p for p in backbone.model.parameters() if p.requires_grad]

@@ -551,7 +551,7 @@ def build_config(
             "n_blocks": attrs.get(N_BLOCKS_ATTR),
             "best_epoch": attrs.get(BEST_EPOCH_ATTR),
             "epochs": spec.train.epochs,
-            "retention": spec.retention,
+            "retention": trial.params.get("retention", spec.retention_kinds[0]),
         },
         "metrics": {
             "val": {"accuracy": trial.value, "macro_f1": attrs.get(VAL_F1_ATTR)},

@@ -388,6 +388,12 @@ class PrunerSpec(_Model):
     min_resource: int = Field(1, ge=1)
     reduction_factor: int = Field(3, ge=2)
     warmup_epochs: int = Field(1, ge=0, description="median pruner: epochs before pruning")
+    patience: int | None = Field(
+        1, ge=0,
+        description="a trial is pruned only once its validation accuracy has not improved "
+        "for patience + 1 epochs in a row (and the pruner above says so): a trial still "
+        "climbing is never stopped; null: the pruner alone decides",
+    )
 
 
 class SamplerSpec(_Model):
@@ -396,6 +402,14 @@ class SamplerSpec(_Model):
     # A new study's first trials take each listed backbone once, in order (the
     # other parameters sampled), so none goes untried in a short search.
     try_each_backbone: bool = False
+    portfolio: bool = Field(
+        True,
+        description="a new study's first trials are the start portfolio (a linear probe "
+        "and a plain full fine-tune of each backbone, docs/search.md), then the sampler",
+    )
+
+
+RetentionKind = Literal["none", "distill", "l2sp", "source"]
 
 
 class StudySpec(_Model):
@@ -403,7 +417,9 @@ class StudySpec(_Model):
 
     name: str = Field(min_length=1, max_length=200)
     data: DataSpec
-    retention: Literal["distill", "l2sp", "source"] = "l2sp"
+    retention: RetentionKind | list[RetentionKind] = "l2sp"
+    """``L_pre``: one kind, or a list of kinds searched as the trial parameter
+    ``retention`` (``none``: plain fine-tuning, α = 0)."""
     source: DataSpec | None = None
     search: SearchSpec
     train: TrainSpec = TrainSpec()
@@ -414,6 +430,23 @@ class StudySpec(_Model):
     timeout: float | None = Field(None, gt=0)
     seed: int = 0
 
+    @field_validator("retention")
+    @classmethod
+    def _kinds(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("no retention kind to search; give one (l2sp) or a list "
+                                 "([none, l2sp, distill])")
+            dupes = sorted({k for k in v if v.count(k) > 1})
+            if dupes:
+                raise ValueError(f"listed twice: {', '.join(dupes)}; list each kind once")
+        return v
+
+    @property
+    def retention_kinds(self) -> list[str]:
+        """The retention kinds searched (one when the spec fixes it)."""
+        return list(self.retention) if isinstance(self.retention, list) else [self.retention]
+
     @model_validator(mode="after")
     def _source(self) -> StudySpec:
         if self.source is not None and self.source.given:
@@ -421,11 +454,12 @@ class StudySpec(_Model):
                 "source.val/source.test are not used (the source set is never split); "
                 "remove them"
             )
-        if self.retention == "source" and self.source is None:
+        uses_source = "source" in self.retention_kinds
+        if uses_source and self.source is None:
             raise ValueError(
                 "retention 'source' needs a 'source:' data set; add one or use l2sp/distill"
             )
-        if self.retention == "source" and "text" in (self.data.modality, self.source.modality):
+        if uses_source and "text" in (self.data.modality, self.source.modality):
             raise ValueError(
                 "retention 'source' is not supported for text data; use l2sp or distill"
             )

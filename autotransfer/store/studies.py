@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -12,7 +13,7 @@ from pydantic import ValidationError
 
 from autotransfer._version import __version__
 from autotransfer.exceptions import SpecError, StorageError
-from autotransfer.spec.model import StudySpec
+from autotransfer.spec.model import FloatRange, StudySpec
 from autotransfer.store.budget import budget_lock
 from autotransfer.store.records import (
     ARTIFACTS_ATTR,
@@ -27,16 +28,32 @@ from autotransfer.store.storage import open_storage, redact, require_existing
 RESUMABLE_FIELDS = {
     "n_trials", "timeout", "train.threads", "train.eval_batch_size", "train.stall_timeout",
     "recovery.heartbeat_interval", "recovery.grace_period", "recovery.max_retry",
-    "sampler.try_each_backbone",  # read only when the study is created
+    "sampler.try_each_backbone", "sampler.portfolio",  # read only when the study is created
     # Where and how fast trials run, not what they compute:
     "train.device", "train.precision", "train.channels_last", "train.compile",
 }
 
 
+def sampler_seed(spec: StudySpec) -> int:
+    """The sampler's seed: ``seed`` together with the study's identity (its
+    name, data and search space), so two studies that differ in any of these
+    draw different random start-up trials even with the same ``seed``, and the
+    same spec draws the same ones. The first 8 hex digits of the SHA-256 of
+    the JSON of those fields, as an integer."""
+    identity = {
+        "seed": spec.seed,
+        "name": spec.name,
+        "data": spec.data.model_dump(mode="json"),
+        "search": spec.search.model_dump(mode="json"),
+    }
+    text = json.dumps(identity, sort_keys=True)
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
+
+
 def make_sampler(spec: StudySpec, offset: int = 0) -> optuna.samplers.BaseSampler:
-    """The sampler; ``offset`` (trials already run) keeps a resumed run from
-    replaying the same random start-up draws."""
-    seed = spec.seed + offset
+    """The sampler, seeded by :func:`sampler_seed`; ``offset`` (trials already
+    run) keeps a resumed run from replaying the same random start-up draws."""
+    seed = sampler_seed(spec) + offset
     if spec.sampler.type == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     with warnings.catch_warnings():  # multivariate/group are "experimental" in Optuna
@@ -48,19 +65,31 @@ def make_sampler(spec: StudySpec, offset: int = 0) -> optuna.samplers.BaseSample
 
 
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    """The spec's pruner; with ``pruner.patience``, wrapped in Optuna's
+    :class:`~optuna.pruners.PatientPruner`, so only a trial whose validation
+    accuracy has stalled (no gain over the last ``patience + 1`` epochs) can
+    be pruned: under a one-cycle schedule a trial may be far behind at
+    mid-run and among the best at its end."""
     p = spec.pruner
+    pruner: optuna.pruners.BasePruner
     if p.type == "hyperband":
-        return optuna.pruners.HyperbandPruner(
+        pruner = optuna.pruners.HyperbandPruner(
             min_resource=p.min_resource, max_resource=spec.train.epochs,
             reduction_factor=p.reduction_factor,
         )
-    if p.type == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(
+    elif p.type == "successive_halving":
+        pruner = optuna.pruners.SuccessiveHalvingPruner(
             min_resource=p.min_resource, reduction_factor=p.reduction_factor
         )
-    if p.type == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=p.warmup_epochs)
-    return optuna.pruners.NopPruner()
+    elif p.type == "median":
+        pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=p.warmup_epochs)
+    else:
+        return optuna.pruners.NopPruner()
+    if p.patience is None:
+        return pruner
+    with warnings.catch_warnings():  # PatientPruner is "experimental" in Optuna
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.pruners.PatientPruner(pruner, patience=p.patience)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -120,7 +149,7 @@ def create_or_resume(spec: StudySpec, storage_url: str, artifacts: Path) -> optu
         # the spec is there, and then finds both.
         artifacts.mkdir(parents=True, exist_ok=True)
         study.set_user_attr(TARGET_ATTR, spec.n_trials)
-        enqueue_each_backbone(study, spec)
+        enqueue_start_trials(study, spec)
         study.set_user_attr(SPEC_ATTR, new)
         study.set_user_attr(ARTIFACTS_ATTR, str(artifacts))
         study.set_user_attr(VERSION_ATTR, __version__)
@@ -138,20 +167,56 @@ def create_or_resume(spec: StudySpec, storage_url: str, artifacts: Path) -> optu
     return study
 
 
-def enqueue_each_backbone(study: optuna.Study, spec: StudySpec) -> int:
-    """Queue one trial per listed backbone, in the listed order, with the other
-    parameters left to the sampler (``sampler.try_each_backbone``; at most
-    ``n_trials``). Without this, a short search over several backbones may never
-    try some of them: TPE's random start-up draws the backbone like any other
-    parameter. Queued trials count toward the budget and run first, whichever
-    worker takes them. Returns how many were queued."""
-    keys = [b.key for b in spec.search.backbones]
-    if not spec.sampler.try_each_backbone or len(keys) < 2:
-        return 0
-    keys = keys[: spec.n_trials] if spec.n_trials is not None else keys
-    for key in keys:
-        study.enqueue_trial({"backbone": key})
-    return len(keys)
+PORTFOLIO: tuple[tuple[str, dict[str, float]], ...] = (
+    ("fine-tune", {"freeze": 0.0, "lr": 1e-3, "alpha": 0.0}),
+    ("linear probe", {"freeze": 1.0, "lr": 1e-2, "alpha": 0.0}),
+)
+"""The start portfolio: hand configurations strong across tasks, tried first
+(``sampler.portfolio``). A plain full fine-tune (no block frozen, lr 1e-3, α 0)
+and a linear probe (every trunk block frozen, lr 1e-2, α 0); docs/search.md
+gives the measurements behind them."""
+
+
+def start_trials(spec: StudySpec) -> list[dict[str, Any]]:
+    """The parameters of a new study's first trials, in order (at most
+    ``n_trials``): with ``sampler.portfolio``, each :data:`PORTFOLIO` entry for
+    each listed backbone (entry by entry, backbones in the listed order; a
+    backbone with ``weights: none`` gets no linear probe: random features are
+    not worth probing); otherwise, with ``sampler.try_each_backbone`` and
+    several backbones, one trial per backbone. A portfolio value is clipped
+    into the spec's range, and a parameter the spec fixes keeps its fixed
+    value; parameters not given are drawn by the sampler."""
+    refs = list(spec.search.backbones)
+    trials: list[dict[str, Any]] = []
+    if spec.sampler.portfolio:
+        for _, config in PORTFOLIO:
+            for ref in refs:
+                if ref.weights == "none" and config.get("freeze", 0.0) >= 1.0:
+                    continue
+                params: dict[str, Any] = {"backbone": ref.key}
+                if "none" in spec.retention_kinds and config.get("alpha") == 0.0:
+                    params["retention"] = "none"  # α 0 is no retention: say so
+                for name, value in config.items():
+                    space = getattr(spec.search, name)
+                    if isinstance(space, FloatRange):
+                        params[name] = min(max(value, space.low), space.high)
+                if params not in trials:
+                    trials.append(params)
+    elif spec.sampler.try_each_backbone and len(refs) > 1:
+        trials = [{"backbone": ref.key} for ref in refs]
+    return trials[: spec.n_trials] if spec.n_trials is not None else trials
+
+
+def enqueue_start_trials(study: optuna.Study, spec: StudySpec) -> int:
+    """Queue :func:`start_trials` (the start portfolio, or one trial per
+    backbone). Without this, a short search may never try some backbones, nor
+    the hand baselines a practitioner would run first. Queued trials count
+    toward the budget and run first, whichever worker takes them. Returns how
+    many were queued."""
+    trials = start_trials(spec)
+    for params in trials:
+        study.enqueue_trial(params)
+    return len(trials)
 
 
 def load_study(storage_url: str, study_name: str | None) -> optuna.Study:

@@ -67,20 +67,25 @@ def suggest_float(trial: optuna.Trial, name: str, space: FloatParam) -> float:
     return trial.suggest_float(name, space, space)
 
 
-PARAM_NAMES = ("backbone", "freeze", "lr", "weight_decay", "batch_size", "alpha")
+PARAM_NAMES = ("backbone", "freeze", "lr", "weight_decay", "batch_size", "retention", "alpha")
 
 
 def sample_params(trial: optuna.Trial, spec: StudySpec) -> TrialParams:
-    """Sample one point of the search space in ``spec.search``."""
+    """Sample one point of the search space in ``spec.search`` and the
+    retention kind (``spec.retention``); with kind ``none``, α is 0 (recorded
+    as a one-point range)."""
     s = spec.search
     sizes = s.batch_size if isinstance(s.batch_size, list) else [s.batch_size]
+    backbone = trial.suggest_categorical("backbone", [b.key for b in s.backbones])
+    freeze = suggest_float(trial, "freeze", s.freeze)
+    lr = suggest_float(trial, "lr", s.lr)
+    weight_decay = suggest_float(trial, "weight_decay", s.weight_decay)
+    batch_size = int(trial.suggest_categorical("batch_size", sizes))
+    retention = str(trial.suggest_categorical("retention", spec.retention_kinds))
+    alpha = suggest_float(trial, "alpha", 0.0 if retention == "none" else s.alpha)
     return TrialParams(
-        backbone=trial.suggest_categorical("backbone", [b.key for b in s.backbones]),
-        freeze=suggest_float(trial, "freeze", s.freeze),
-        lr=suggest_float(trial, "lr", s.lr),
-        weight_decay=suggest_float(trial, "weight_decay", s.weight_decay),
-        batch_size=int(trial.suggest_categorical("batch_size", sizes)),
-        alpha=suggest_float(trial, "alpha", s.alpha),
+        backbone=backbone, freeze=freeze, lr=lr, weight_decay=weight_decay,
+        batch_size=batch_size, alpha=alpha, retention=retention,
     )
 
 
