@@ -42,7 +42,8 @@ def main() -> None:
                 time.sleep(ours.delay)
             return features(model, x)
 
-        return dataclasses.replace(backbone, features=slow)
+        # No split forward: the trainer would run the blocks through it, not this forward.
+        return dataclasses.replace(backbone, features=slow, split=None)
 
     PluginHost.build = build  # type: ignore[method-assign]
     from autotransfer.cli import app

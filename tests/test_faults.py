@@ -41,7 +41,8 @@ def _oom_host(host, monkeypatch, limit: int, error: BaseException | None = None)
                     "CUDA out of memory. Tried to allocate 18.50 GiB")
             return features(model, x)
 
-        return dataclasses.replace(backbone, features=flaky)
+        # No split forward: the trainer would run the blocks through it, not this forward.
+        return dataclasses.replace(backbone, features=flaky, split=None)
 
     monkeypatch.setattr(host, "build", build)
     return seen
@@ -98,6 +99,8 @@ def test_micro_batches_give_the_whole_batch_gradient(plugin_host, tiny_spec, tin
     params = TrialParams(GOOD["backbone"], 1.0, 5e-3, 1e-4, 8, 0.25)
     torch.manual_seed(0)
     backbone = plugin_host.build(spec.search.backbones[0], num_classes=3, image_size=32)
+    # No split forward: _step takes images here, not a cached prefix's outputs.
+    backbone = dataclasses.replace(backbone, split=None)
     trainer = Trainer(backbone, tiny_splits, params, spec, seed=0)
     from autotransfer.backbones.freeze import train_mode
     from autotransfer.data.augment import normalise
@@ -148,11 +151,11 @@ def test_oom_while_evaluating_halves_the_eval_batch(
     real_eval = __import__("autotransfer.engine.trainer", fromlist=["evaluate"]).evaluate
     sizes: list[int] = []
 
-    def evaluate(backbone, data, batch_size=256, on_batch=None, placement=None):
+    def evaluate(backbone, data, batch_size=256, on_batch=None, **kwargs):
         sizes.append(batch_size)
         if batch_size > 5:
             raise torch.OutOfMemoryError("CUDA out of memory")
-        return real_eval(backbone, data, batch_size, on_batch, placement)
+        return real_eval(backbone, data, batch_size, on_batch, **kwargs)
 
     monkeypatch.setattr("autotransfer.engine.trainer.evaluate", evaluate)
     study = _optimize(tiny_spec(**{"train.epochs": 1}), tiny_splits, plugin_host, tmp_path, GOOD)
@@ -237,7 +240,7 @@ def test_plugin_raising_in_forward_fails_only_its_trial_and_is_named(
         def broken(model, x):
             raise ValueError("bad kernel shape in plugin")
 
-        return dataclasses.replace(b, features=broken)
+        return dataclasses.replace(b, features=broken, split=None)
 
     monkeypatch.setattr(plugin_host, "build", build)
     study = _optimize(tiny_spec(**{"train.epochs": 1}), tiny_splits, plugin_host, tmp_path,

@@ -255,7 +255,8 @@ def _hanging_host(host, monkeypatch, hangs: int) -> None:
                 time.sleep(120)
             return features(model, x)
 
-        return dataclasses.replace(backbone, features=forward)
+        # No split forward: the trainer would run the blocks through it, not this forward.
+        return dataclasses.replace(backbone, features=forward, split=None)
 
     monkeypatch.setattr(host, "build", build)
 
