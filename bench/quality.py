@@ -155,7 +155,8 @@ def make_spec(arm: str, name: str, data: Path, modality: str, backbone: str, see
         spec["n_trials"] = 1
         spec["pruner"] = {"type": "none"}
     elif arm == "random":
-        spec["sampler"] = {"type": "random"}
+        # Pure random search: no start portfolio queued before the sampler.
+        spec["sampler"] = {"type": "random", "portfolio": False}
     return spec
 
 
