@@ -21,22 +21,27 @@ max length and padded to the longest text of each batch.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from autotransfer.exceptions import DataError, ExportError, UserInputError
+from autotransfer.export.format import TEXT_TASK, encode_texts, read_config
+from autotransfer.export.inputs import (
+    decode,
+    expand_inputs,
+    is_image,
+    read_texts,
+    refuse_text_files,
+)
+from autotransfer.export.programs import quiet_torch
 
 if TYPE_CHECKING:
     import numpy as np
     import PIL.Image
 
 Runtime = Literal["onnx", "torchscript"]
-TEXT_TASK = "text-classification"
-TEXT_FILE_SUFFIXES = (".txt", ".csv", ".jsonl")
-"""Inputs a text model reads: one text per line, or the text column/field."""
 RUNTIMES: tuple[str, ...] = ("onnx", "torchscript")
 BATCH_SIZE = 64
 
@@ -65,46 +70,6 @@ class Prediction:
             "probability": self.probability,
             "top_k": self.top_k,
         }
-
-
-def read_config(export_dir: str | Path) -> dict[str, Any]:
-    """The export's ``config.json``, checked.
-
-    Raises:
-        ExportError: the directory is missing, or is not an autotransfer export.
-    """
-    from autotransfer.export.writer import CONFIG_FILE, FORMAT, FORMAT_VERSION
-
-    root = Path(export_dir)
-    if not root.exists():
-        raise ExportError(
-            f"export directory '{root}' does not exist; give a directory made by "
-            "`autotransfer export`"
-        )
-    if not root.is_dir():
-        raise ExportError(
-            f"'{root}' is a file, not an export directory; give a directory made by "
-            "`autotransfer export`"
-        )
-    try:
-        config = json.loads((root / CONFIG_FILE).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ExportError(
-            f"'{root}' is not an export (no {CONFIG_FILE}); give a directory made by "
-            "`autotransfer export`"
-        ) from None
-    except (OSError, ValueError) as exc:
-        raise ExportError(f"'{root / CONFIG_FILE}' cannot be read as JSON ({exc})") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise ExportError(
-            f"'{root}' is not an autotransfer export ({CONFIG_FILE} has no format '{FORMAT}')"
-        )
-    if config.get("format_version", 0) > FORMAT_VERSION:
-        raise ExportError(
-            f"'{root}' is export format {config['format_version']}; this autotransfer reads "
-            f"up to {FORMAT_VERSION}; upgrade autotransfer"
-        )
-    return config
 
 
 class ExportedModel:
@@ -185,8 +150,6 @@ class ExportedModel:
     def _load_torchscript(self, program: Path) -> Any:
         import torch
 
-        from autotransfer.export.writer import quiet_torch
-
         try:
             with quiet_torch():
                 module = torch.jit.load(str(program), map_location=self.device).eval()
@@ -206,6 +169,7 @@ class ExportedModel:
         import numpy as np
         import torch
 
+        # Here, not at the top: the ONNX path of autotransfer.load needs no torch.
         from autotransfer.backbones import Preprocessing
         from autotransfer.data.augment import normalise
 
@@ -252,7 +216,7 @@ class ExportedModel:
             items: list[tuple[str, Any]] = [(t, t) for t in self._texts(inputs)]
         else:
             items = expand_inputs(inputs)
-            _refuse_text_files(items)
+            refuse_text_files(items)
         out: list[Prediction] = []
         for start in range(0, len(items), BATCH_SIZE):
             chunk = items[start : start + BATCH_SIZE]
@@ -274,8 +238,8 @@ class ExportedModel:
             inputs = [inputs]
         texts = []
         for n, item in enumerate(inputs):
-            if _is_image(item) or isinstance(item, Path):
-                shown = f"<image {n}>" if _is_image(item) else f"path '{item}'"
+            if is_image(item) or isinstance(item, Path):
+                shown = f"<image {n}>" if is_image(item) else f"path '{item}'"
                 raise DataError(
                     f"{shown}: this model classifies text; give texts (strings), or read "
                     "a text file with autotransfer.export.predict.read_texts"
@@ -292,108 +256,6 @@ class ExportedModel:
         column is the one the model was trained on."""
         column = str(self.config.get("data", {}).get("text_column", "text"))
         return read_texts(paths, column)
-
-
-def encode_texts(
-    tokenizer: Any, texts: Sequence[str], max_length: int, pad_id: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """``input_ids`` and ``attention_mask`` (int64, N x longest) of ``texts`` with a
-    ``tokenizers.Tokenizer``: special tokens added, truncated to ``max_length``,
-    padded with ``pad_id`` to the longest text, as in training."""
-    import numpy as np
-
-    tokenizer.no_padding()
-    tokenizer.enable_truncation(max_length=max_length)
-    enc = tokenizer.encode_batch(list(texts))
-    length = max(len(e.ids) for e in enc)
-    ids = np.full((len(enc), length), pad_id, dtype=np.int64)
-    mask = np.zeros((len(enc), length), dtype=np.int64)
-    for i, e in enumerate(enc):
-        ids[i, : len(e.ids)] = e.ids
-        mask[i, : len(e.ids)] = 1
-    return ids, mask
-
-
-def read_texts(paths: Iterable[str | Path], column: str = "text") -> list[str]:
-    """Texts from files: ``.txt`` (one text per non-blank line), ``.csv`` (the
-    ``column`` of a file with a header row) or ``.jsonl`` (the ``column`` field).
-
-    Raises:
-        DataError: a missing file, an image or other binary file, a missing
-            column, an unreadable line, or no texts at all.
-    """
-    from autotransfer.data.datasets import IMAGE_EXTENSIONS
-
-    texts: list[str] = []
-    for item in paths:
-        path = Path(item)
-        if not path.exists():
-            raise DataError(
-                f"input '{path}' does not exist; give text files (.txt one text per line, "
-                ".csv, .jsonl) or --text"
-            )
-        if path.is_dir() or path.suffix.lower() in IMAGE_EXTENSIONS:
-            what = "a folder" if path.is_dir() else "an image"
-            raise DataError(
-                f"'{path}' is {what}; this model classifies text: give text files "
-                "(.txt one text per line, .csv, .jsonl) or --text"
-            )
-        try:
-            if path.suffix.lower() in (".csv", ".jsonl"):
-                texts += _column(path, column)
-                continue
-            lines = path.read_text(encoding="utf-8-sig").splitlines()
-        except UnicodeDecodeError:
-            raise DataError(
-                f"'{path}' is not UTF-8 text; this model classifies text: give text files "
-                "(.txt one text per line, .csv, .jsonl) or --text"
-            ) from None
-        texts += [line for line in lines if line.strip()]
-    if not texts:
-        raise DataError("no texts in the inputs; give non-empty text files or --text")
-    return texts
-
-
-def _column(path: Path, column: str) -> list[str]:
-    """The ``column`` of a CSV/JSONL file (its labels, if any, are not needed)."""
-    import csv
-    import json
-
-    if path.suffix.lower() == ".jsonl":
-        out = []
-        for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{n}: not a JSON object ({exc.msg})") from None
-            if not isinstance(record, dict) or column not in record:
-                raise DataError(f"{path}:{n}: no field '{column}'; the model reads '{column}'")
-            out.append(str(record[column]))
-        return out
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f)
-        header = [h.strip() for h in next(reader, [])]
-        if column not in header:
-            raise DataError(
-                f"'{path}' has no column '{column}' (its columns: {', '.join(header) or 'none'}); "
-                "the model reads that column"
-            )
-        i = header.index(column)
-        try:
-            return [row[i] for row in reader if len(row) > i and row[i].strip()]
-        except csv.Error as exc:
-            raise DataError(f"{path}:{reader.line_num}: unreadable CSV line ({exc})") from None
-
-
-def _refuse_text_files(items: list[tuple[str, Any]]) -> None:
-    for name, item in items:
-        if isinstance(item, Path) and item.suffix.lower() in TEXT_FILE_SUFFIXES:
-            raise DataError(
-                f"cannot read '{name}' as an image: it is a text file; this model "
-                "classifies images: give image files or folders"
-            )
 
 
 def load(export_dir: str | Path, runtime: Runtime = "onnx", device: str = "auto") -> ExportedModel:
@@ -444,74 +306,6 @@ def resolve_predict_device(device: str, runtime: str) -> str:
             "use --device cpu or auto"
         )
     return f"cuda:{index}"
-
-
-def expand_inputs(
-    inputs: str | Path | PIL.Image.Image | Iterable[str | Path | PIL.Image.Image],
-) -> list[tuple[str, Any]]:
-    """``(name, path or image)`` for each image; folders become their image files.
-
-    Raises:
-        DataError: a path does not exist, a folder has no images, or no input.
-    """
-    from autotransfer.data.datasets import IMAGE_EXTENSIONS
-
-    if isinstance(inputs, (str, Path)) or _is_image(inputs):
-        inputs = [inputs]  # type: ignore[list-item]
-    items: list[tuple[str, Any]] = []
-    for n, item in enumerate(inputs):  # type: ignore[union-attr]
-        if _is_image(item):
-            items.append((f"<image {n}>", item))
-            continue
-        path = Path(item)
-        if path.is_dir():
-            files = sorted(
-                p
-                for p in path.rglob("*")
-                if p.is_file()
-                and p.suffix.lower() in IMAGE_EXTENSIONS
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
-            if not files:
-                raise DataError(
-                    f"folder '{path}' has no images ({' '.join(IMAGE_EXTENSIONS)})"
-                )
-            items += [(str(p), p) for p in files]
-        elif path.is_file():
-            items.append((str(path), path))
-        else:
-            raise DataError(f"input '{path}' does not exist; give image files or folders")
-    if not items:
-        raise DataError("no inputs; give image files or folders of images")
-    return items
-
-
-def decode(item: Any, size: int) -> np.ndarray:
-    """uint8 (size, size, 3), decoded exactly like the training data.
-
-    Raises:
-        DataError: the file cannot be read as an image.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    from autotransfer.data.datasets import square_resize
-
-    if _is_image(item):
-        return square_resize(item, size)
-    try:
-        with Image.open(item) as im:
-            return square_resize(im, size)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        reason = "not an image" if isinstance(exc, UnidentifiedImageError) else str(exc)
-        raise DataError(f"cannot read '{item}' as an image ({reason})") from None
-
-
-def _is_image(obj: Any) -> bool:
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover - pillow is a dependency
-        return False
-    return isinstance(obj, Image.Image)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
