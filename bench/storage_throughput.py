@@ -38,14 +38,13 @@ RESULTS = ROOT / "bench" / "results"
 def _worker(url: str, name: str, start_at: float, queue: mp.Queue) -> None:
     import optuna
 
-    from autotransfer.store.budget import BudgetedStudy, BudgetSpent, budget_lock
-    from autotransfer.store.storage import open_storage
+    from autotransfer.store.budget import BudgetSpent
+    from autotransfer.store.opening import open_for_trials
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(
-        study_name=name, storage=open_storage(url), sampler=optuna.samplers.RandomSampler()
+    study = open_for_trials(
+        url, name, None, optuna.samplers.RandomSampler(), optuna.pruners.NopPruner()
     )
-    study = BudgetedStudy(study, budget_lock(url, name))
     asks: list[float] = []
     tells: list[float] = []
     time.sleep(max(0.0, start_at - time.time()))

@@ -1,7 +1,7 @@
 """A worker process with a dummy objective, for the budget tests:
 ``python _budget_worker.py STORAGE_URL STUDY_NAME PAUSE_S`` joins the study
-through ``open_storage`` and the shared budget (as ``autotransfer worker``
-does, minus the training) and prints how many trials it ran."""
+through ``open_for_trials`` (as ``autotransfer worker`` does, minus the
+training and the heartbeat) and prints how many trials it ran."""
 
 from __future__ import annotations
 
@@ -10,15 +10,14 @@ import time
 
 import optuna
 
-from autotransfer.store.budget import BudgetedStudy, BudgetSpent, budget_lock
-from autotransfer.store.storage import open_storage
+from autotransfer.store.budget import BudgetSpent
+from autotransfer.store.opening import open_for_trials
 
 
 def main(url: str, name: str, pause: float) -> None:
-    study = optuna.load_study(
-        study_name=name, storage=open_storage(url), sampler=optuna.samplers.RandomSampler()
+    study = open_for_trials(
+        url, name, None, optuna.samplers.RandomSampler(), optuna.pruners.NopPruner()
     )
-    study = BudgetedStudy(study, budget_lock(url, name))
     ran = []
 
     def objective(trial: optuna.Trial) -> float:

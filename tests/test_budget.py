@@ -12,10 +12,13 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.distributions import FloatDistribution
+from optuna.pruners import NopPruner
+from optuna.samplers import RandomSampler
 from optuna.trial import TrialState
 
 from autotransfer.exceptions import StorageError
-from autotransfer.store.budget import BudgetedStudy, BudgetSpent, budget_lock, used_slots
+from autotransfer.store.budget import BudgetSpent, budget_lock, used_slots
+from autotransfer.store.opening import open_for_trials
 from autotransfer.store.records import TARGET_ATTR
 from autotransfer.store.storage import open_storage
 
@@ -38,7 +41,7 @@ def test_a_retry_replaces_the_trial_it_retries(storage_url: str) -> None:
     study.add_trial(_trial(TrialState.PRUNED, 0.3))  # 3
     study.add_trial(_trial(TrialState.WAITING, 0.2, failed_trial=1, retry_history=[1, 2]))  # 4
     assert used_slots(study.get_trials()) == 3  # 0, the chain 1 -> 2 -> 4, 3
-    budgeted = BudgetedStudy(study, budget_lock(storage_url, "b"))
+    budgeted = open_for_trials(storage_url, "b", None, RandomSampler(), NopPruner())
     # A resumed search: the waiting retry is the first of its trials.
     assert budgeted.set_target(1) == 3 == budgeted.target()
     # The budget is met, but the waiting retry is taken (it was counted) ...
@@ -56,7 +59,7 @@ def test_a_retry_replaces_the_trial_it_retries(storage_url: str) -> None:
 
 def test_no_target_means_no_limit_and_other_databases_are_refused(storage_url: str) -> None:
     study = optuna.create_study(storage=open_storage(storage_url), study_name="free")
-    budgeted = BudgetedStudy(study, budget_lock(storage_url, "free"))
+    budgeted = open_for_trials(storage_url, "free", None, RandomSampler(), NopPruner())
     assert budgeted.target() is None
     budgeted.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
     assert len(study.trials) == 3

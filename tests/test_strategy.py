@@ -12,15 +12,10 @@ from rich.console import Console
 
 from autotransfer.exceptions import SpecError
 from autotransfer.spec.model import validate_spec
-from autotransfer.store.studies import (
-    create_or_resume,
-    make_pruner,
-    make_sampler,
-    sampler_seed,
-    start_trials,
-)
+from autotransfer.store.studies import create_or_resume, start_trials
 from autotransfer.tuning.objective import sample_params
 from autotransfer.tuning.progress import Progress
+from autotransfer.tuning.sampling import make_pruner, make_sampler, sampler_seed
 from autotransfer.tuning.search import run_search
 
 PRE, NONE = "timm:test_resnet@pretrained", "timm:test_resnet@none"

@@ -92,23 +92,31 @@ def test_writers_heartbeat_readers_do_not_and_settings_are_resumable(
     tiny_spec, storage_url: str, tmp_path: Path
 ) -> None:
     from autotransfer.exceptions import SpecError
+    from autotransfer.store.opening import open_for_trials
     from autotransfer.store.studies import create_or_resume, load_study
+    from autotransfer.tuning.sampling import make_pruner, make_sampler
+    from autotransfer.tuning.search import run_trials
+
+    def for_trials(spec):  # as search and worker open it
+        return open_for_trials(storage_url, spec.name, spec.recovery, make_sampler(spec),
+                               make_pruner(spec))
 
     spec = tiny_spec()
-    study = create_or_resume(spec, storage_url, tmp_path / "a")
-    backend = study._storage._backend
+    created = create_or_resume(spec, storage_url, tmp_path / "a")
+    # Only the study the trial loop runs has heartbeats (test-only peek at Optuna's cache).
+    assert created._storage._backend.heartbeat_interval is None
+    backend = for_trials(spec)._storage._backend
     assert (backend.heartbeat_interval, backend.grace_period) == (30, 120)  # the defaults
     assert isinstance(backend.get_heartbeat_stale_trial_callback(), RetryStaleTrial)
     read = load_study(storage_url, spec.name)  # how readers (trials, report) open it
     assert read._storage._backend.heartbeat_interval is None
-    # A worker loads the study to read its spec; its trial loop reopens it to write.
-    from autotransfer.store.recovery import writer_study
-
-    assert writer_study(read, spec.recovery)._storage._backend.grace_period == 120
+    # The trial loop takes nothing else: a study without heartbeat and budget is refused.
+    with pytest.raises(TypeError, match="needs the study open_for_trials returns"):
+        run_trials(read, spec, None, tmp_path / "a", None, 1, None)  # type: ignore[arg-type]
     # Changing them (or the stall timeout) on resume is allowed: same study.
-    again = create_or_resume(tiny_spec(**FAST_HEARTBEAT, **{"train.stall_timeout": 5}),
-                             storage_url, tmp_path / "a")
-    assert again._storage._backend.grace_period == 2
+    changed = tiny_spec(**FAST_HEARTBEAT, **{"train.stall_timeout": 5})
+    create_or_resume(changed, storage_url, tmp_path / "a")
+    assert for_trials(changed)._storage._backend.grace_period == 2
     with pytest.raises(SpecError, match="grace_period .* must be longer than heartbeat_interval"):
         tiny_spec(**{"recovery.heartbeat_interval": 10, "recovery.grace_period": 10})
 

@@ -3,6 +3,9 @@
 Errors from the package (:mod:`autotransfer.exceptions`) are translated here,
 once: one line on stderr and the exit code (2 bad input, 1 the work failed);
 ``--debug`` (or ``AUTOTRANSFER_DEBUG=1``) shows the traceback instead.
+
+Each command imports the layers it runs inside its own function, for start-up
+time only: ``--help`` and the light commands never load torch.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from autotransfer.exceptions import DataError
+
 
 def predict(
     export_dir: Annotated[
@@ -46,7 +48,6 @@ def predict(
     import json
     import sys
 
-    from autotransfer.exceptions import DataError
     from autotransfer.export.predict import load
 
     model = load(export_dir, runtime, device)  # type: ignore[arg-type]

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from autotransfer.cli.options import DEFAULT, Gpus, Storage, StudyName, TrialsPerGpu
+from autotransfer.exceptions import UserInputError
 
 if TYPE_CHECKING:
     from autotransfer.spec.model import StudySpec
@@ -149,8 +150,6 @@ def search(
         check_target(export)  # refuse a bad export path before the search, not after
         target = export.resolve()
         if artifacts is not None and artifacts.resolve() in (target, *target.parents):
-            from autotransfer.exceptions import UserInputError
-
             raise UserInputError(
                 f"--export '{export}' is inside --artifacts '{artifacts}' (the trial "
                 "checkpoints); give an export directory outside it"

@@ -80,24 +80,31 @@ def budget_lock(storage_url: str, study_name: str) -> Lock:
 
 
 class BudgetedStudy(optuna.Study):
-    """The same study, whose :meth:`ask` first claims a slot of the budget.
+    """A study whose :meth:`ask` first claims a slot of the budget.
 
-    ``study.optimize`` calls ``ask`` once per trial (after failing stale trials,
-    before starting the heartbeat), so Optuna's loop, heartbeats and callbacks
-    stay as they are; :class:`BudgetSpent` from ``ask`` ends the loop before any
-    trial is created.
+    Made only by :func:`autotransfer.store.opening.open_for_trials`, the one
+    way to open a study for the trial loop (with its heartbeat and the retry of
+    lost trials); the loop (:func:`autotransfer.tuning.search.run_trials`)
+    refuses any other study. ``study.optimize`` calls ``ask`` once per trial
+    (after failing stale trials, before starting the heartbeat), so Optuna's
+    loop, heartbeats and callbacks stay as they are; :class:`BudgetSpent` from
+    ``ask`` ends the loop before any trial is created.
     """
 
-    def __init__(self, study: optuna.Study, lock: Lock) -> None:
-        super().__init__(
-            study_name=study.study_name, storage=study._storage,
-            sampler=study.sampler, pruner=study.pruner,
-        )
+    def __init__(
+        self,
+        study_name: str,
+        storage: optuna.storages.BaseStorage,
+        sampler: optuna.samplers.BaseSampler,
+        pruner: optuna.pruners.BasePruner,
+        lock: Lock,
+    ) -> None:
+        super().__init__(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner)
         self._budget_lock = lock
 
     def target(self) -> int | None:
         """The study's target total (``target_trials``), or None for no target."""
-        value = self._storage.get_study_user_attrs(self._study_id).get(TARGET_ATTR)
+        value = self.user_attrs.get(TARGET_ATTR)
         return None if value is None else int(value)
 
     def set_target(self, n_more: int | None) -> int | None:

@@ -1,7 +1,7 @@
 """Trials of lost or interrupted workers: fail them, and queue them again.
 
-A writer opens the storage with Optuna heartbeats (:func:`storage.open_storage`
-with a :class:`~autotransfer.spec.model.RecoverySpec`): while a trial runs, a thread
+The study that runs trials has Optuna heartbeats (:func:`heartbeat`, given to
+:func:`autotransfer.store.opening.open_for_trials`): while a trial runs, a thread
 records its heartbeat every ``heartbeat_interval`` seconds. A trial whose
 heartbeat is older than ``grace_period`` belongs to a worker that died
 (SIGKILL, a lost machine). :func:`recover_lost_trials` fails such trials, with
@@ -56,6 +56,7 @@ from autotransfer.store.records import (
     WORKER_ATTR,
 )
 from autotransfer.store.resume import drop_artifact
+from autotransfer.store.storage import Heartbeat
 
 
 def _quiet(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -113,6 +114,17 @@ class RetryStaleTrial(RetryHeartbeatStaleTrialCallback):
         if self._max_retry is not None and self._max_retry < len(system_attrs[RETRY_HISTORY_ATTR]):
             return
         _queue_copy(study, trial, system_attrs)
+
+
+def heartbeat(recovery: RecoverySpec) -> Heartbeat:
+    """The heartbeat of a study that runs trials, as ``recovery`` says: a lost
+    trial is failed after ``grace_period`` and queued again by
+    :class:`RetryStaleTrial` (at most ``max_retry`` times)."""
+    return Heartbeat(
+        interval=recovery.heartbeat_interval,
+        grace_period=recovery.grace_period,
+        stale_trial_callback=RetryStaleTrial(recovery.max_retry),
+    )
 
 
 def requeue_interrupted(trial: optuna.Trial, signame: str) -> None:
@@ -245,25 +257,6 @@ def recover_lost_trials(
                 + ("; queued to run again" if again else "; not retried (retries used up)")
             )
     return numbers
-
-
-def writer_study(study: optuna.Study, recovery: RecoverySpec) -> optuna.Study:
-    """``study``, opened with heartbeats as ``recovery`` says (a worker loads the
-    study to read its spec before it knows them): reopened if need be."""
-    from autotransfer.store.storage import open_storage
-
-    backend = getattr(study._storage, "_backend", study._storage)
-    if (
-        getattr(backend, "heartbeat_interval", None) == recovery.heartbeat_interval
-        and getattr(backend, "grace_period", None) == recovery.grace_period
-    ):
-        return study
-    return optuna.load_study(
-        study_name=study.study_name,
-        storage=open_storage(backend.url, recovery),
-        sampler=study.sampler,
-        pruner=study.pruner,
-    )
 
 
 def after_trial(

@@ -31,14 +31,13 @@ import torch
 from optuna.artifacts._protocol import ArtifactStore
 from optuna.artifacts.exceptions import ArtifactNotFound
 
+from autotransfer.store.checkpoints import ARTIFACT_ID, check_artifact_id
 from autotransfer.store.records import RESUME_EPOCH_ATTR, RESUME_STATE_ATTR
 
 
 def save_epoch_state(trial: optuna.Trial, state: dict[str, Any], store: ArtifactStore) -> str:
     """Write ``state`` (a :meth:`Trainer.state_dict`) as the trial's resumable
     state, then delete the state it replaces; returns the new artifact id."""
-    from autotransfer.store.checkpoints import check_artifact_id
-
     artifact_id = f"resume-{uuid.uuid4()}"
     with tempfile.TemporaryDirectory(prefix="autotransfer-resume-") as tmp:
         path = Path(tmp) / "state.pt"
@@ -62,8 +61,6 @@ def save_epoch_state(trial: optuna.Trial, state: dict[str, Any], store: Artifact
 def load_epoch_state(trial: optuna.Trial, store: ArtifactStore) -> dict[str, Any] | None:
     """The resumable state the trial inherited (it re-runs an interrupted or
     lost trial), or None: none recorded, or gone from the store."""
-    from autotransfer.store.checkpoints import check_artifact_id
-
     artifact_id = trial.user_attrs.get(RESUME_STATE_ATTR)
     if not artifact_id:
         return None
@@ -85,8 +82,6 @@ def read_epoch_state(f: Any) -> dict[str, Any]:
 
 def drop_artifact(store: ArtifactStore, artifact_id: Any) -> None:
     """Delete an artifact if it is there (a well-formed id only)."""
-    from autotransfer.store.checkpoints import ARTIFACT_ID
-
     if isinstance(artifact_id, str) and ARTIFACT_ID.fullmatch(artifact_id):
         try:
             store.remove(artifact_id)

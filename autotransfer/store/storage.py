@@ -14,17 +14,17 @@ import re
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO
 
 import optuna
 from optuna.artifacts import FileSystemArtifactStore
+from optuna.trial import FrozenTrial
 
 from autotransfer.exceptions import StorageError
 from autotransfer.store.database import retry_connects, shared_lock
-
-if TYPE_CHECKING:
-    from autotransfer.spec.model import RecoverySpec
 
 DEFAULT_STORAGE = "sqlite:///autotransfer.db"
 ARTIFACTS_DIRNAME = "autotransfer-artifacts"
@@ -48,13 +48,23 @@ def redact(url: str) -> str:
     return _SECRET_QUERY.sub(r"\1***", shown)
 
 
-def open_storage(url: str, recovery: RecoverySpec | None = None) -> optuna.storages.RDBStorage:
+@dataclass(frozen=True)
+class Heartbeat:
+    """A writer's heartbeat: each running trial records one every ``interval``
+    seconds; a trial whose last one is older than ``grace_period`` is failed and
+    passed to ``stale_trial_callback`` (made by
+    :func:`autotransfer.store.recovery.heartbeat`)."""
+
+    interval: int
+    grace_period: int
+    stale_trial_callback: Callable[[optuna.Study, FrozenTrial], None]
+
+
+def open_storage(url: str, heartbeat: Heartbeat | None = None) -> optuna.storages.RDBStorage:
     """Open (creating if needed) the Optuna storage at ``url``.
 
-    Writers (``search``, workers) pass ``recovery``: each running trial then
-    records a heartbeat every ``recovery.heartbeat_interval`` seconds, and a
-    trial whose heartbeat is older than ``recovery.grace_period`` is failed and
-    retried (see :mod:`autotransfer.store.recovery`). Readers pass nothing.
+    Only the study that runs trials has a ``heartbeat``
+    (:func:`autotransfer.store.opening.open_for_trials`); readers pass nothing.
 
     Raises:
         StorageError: the URL is malformed, names an unknown database or a
@@ -91,7 +101,7 @@ def open_storage(url: str, recovery: RecoverySpec | None = None) -> optuna.stora
             # heartbeats are "experimental" in Optuna
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             storage = optuna.storages.RDBStorage(
-                url, engine_kwargs=engine_kwargs, **_heartbeat_kwargs(recovery)
+                url, engine_kwargs=engine_kwargs, **_heartbeat_kwargs(heartbeat)
             )
     except NoSuchModuleError:
         raise StorageError(
@@ -147,15 +157,13 @@ def require_existing(url: str) -> None:
         )
 
 
-def _heartbeat_kwargs(recovery: RecoverySpec | None) -> dict[str, object]:
-    if recovery is None:
+def _heartbeat_kwargs(heartbeat: Heartbeat | None) -> dict[str, object]:
+    if heartbeat is None:
         return {}
-    from autotransfer.store.recovery import RetryStaleTrial
-
     return {
-        "heartbeat_interval": recovery.heartbeat_interval,
-        "grace_period": recovery.grace_period,
-        "heartbeat_stale_trial_callback": RetryStaleTrial(recovery.max_retry),
+        "heartbeat_interval": heartbeat.interval,
+        "grace_period": heartbeat.grace_period,
+        "heartbeat_stale_trial_callback": heartbeat.stale_trial_callback,
     }
 
 

@@ -1,8 +1,7 @@
-"""Creating, resuming and reading studies: sampler, pruner, saved spec."""
+"""Creating, resuming and reading studies: the saved spec, changes on resume."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -32,64 +31,6 @@ RESUMABLE_FIELDS = {
     # Where and how fast trials run, not what they compute:
     "train.device", "train.precision", "train.channels_last", "train.compile",
 }
-
-
-def sampler_seed(spec: StudySpec) -> int:
-    """The sampler's seed: ``seed`` together with the study's identity (its
-    name, data and search space), so two studies that differ in any of these
-    draw different random start-up trials even with the same ``seed``, and the
-    same spec draws the same ones. The first 8 hex digits of the SHA-256 of
-    the JSON of those fields, as an integer."""
-    identity = {
-        "seed": spec.seed,
-        "name": spec.name,
-        "data": spec.data.model_dump(mode="json"),
-        "search": spec.search.model_dump(mode="json"),
-    }
-    text = json.dumps(identity, sort_keys=True)
-    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
-
-
-def make_sampler(spec: StudySpec, offset: int = 0) -> optuna.samplers.BaseSampler:
-    """The sampler, seeded by :func:`sampler_seed`; ``offset`` (trials already
-    run) keeps a resumed run from replaying the same random start-up draws."""
-    seed = sampler_seed(spec) + offset
-    if spec.sampler.type == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    with warnings.catch_warnings():  # multivariate/group are "experimental" in Optuna
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(
-            seed=seed, n_startup_trials=spec.sampler.n_startup_trials, multivariate=True,
-            group=True, constant_liar=True,
-        )
-
-
-def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
-    """The spec's pruner; with ``pruner.patience``, wrapped in Optuna's
-    :class:`~optuna.pruners.PatientPruner`, so only a trial whose validation
-    accuracy has stalled (no gain over the last ``patience + 1`` epochs) can
-    be pruned: under a one-cycle schedule a trial may be far behind at
-    mid-run and among the best at its end."""
-    p = spec.pruner
-    pruner: optuna.pruners.BasePruner
-    if p.type == "hyperband":
-        pruner = optuna.pruners.HyperbandPruner(
-            min_resource=p.min_resource, max_resource=spec.train.epochs,
-            reduction_factor=p.reduction_factor,
-        )
-    elif p.type == "successive_halving":
-        pruner = optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=p.min_resource, reduction_factor=p.reduction_factor
-        )
-    elif p.type == "median":
-        pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=p.warmup_epochs)
-    else:
-        return optuna.pruners.NopPruner()
-    if p.patience is None:
-        return pruner
-    with warnings.catch_warnings():  # PatientPruner is "experimental" in Optuna
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.pruners.PatientPruner(pruner, patience=p.patience)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -127,19 +68,21 @@ def create_or_resume(spec: StudySpec, storage_url: str, artifacts: Path) -> optu
     """Create the study ``spec.name`` (its target total, :mod:`autotransfer.store.budget`:
     ``spec.n_trials``) or resume it if it exists (the search sets the target once
     it has recovered lost trials: :func:`autotransfer.tuning.search.run_trials`).
+    The study returned reads and writes attributes; trials run on the one
+    :func:`autotransfer.store.opening.open_for_trials` opens.
 
     Raises:
         SpecError: the study exists with a different spec (lists the fields).
         StorageError: a database the shared budget cannot lock.
     """
     budget_lock(storage_url, spec.name)  # refuse such a database before anything is made
-    storage = open_storage(storage_url, recovery=spec.recovery)  # a writer: heartbeats on
     study = optuna.create_study(
-        storage=storage,
+        storage=open_storage(storage_url),
         study_name=spec.name,
         direction="maximize",
-        sampler=make_sampler(spec),
-        pruner=make_pruner(spec),
+        # Not the one that runs trials (autotransfer.store.opening.open_for_trials):
+        # a sampler that draws nothing.
+        sampler=optuna.samplers.RandomSampler(),
         load_if_exists=True,
     )
     new = spec.model_dump(mode="json")
@@ -163,7 +106,6 @@ def create_or_resume(spec: StudySpec, storage_url: str, artifacts: Path) -> optu
             f"study '{spec.name}' exists with a different spec (changed: {', '.join(changed)}); "
             "run it with its own spec, or start a new study with --study-name NEW"
         )
-    study.sampler = make_sampler(spec, offset=len(study.trials))
     return study
 
 

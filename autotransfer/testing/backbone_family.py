@@ -63,6 +63,7 @@ from autotransfer.backbones import (
 )
 from autotransfer.backbones.freeze import freeze, freeze_depth, train_mode
 from autotransfer.data.batches import Batch, forward, pad
+from autotransfer.plugins.host import get_plugin_host
 
 SENTENCES = (
     "the film was good",
@@ -135,8 +136,6 @@ class BackboneCase:
         if isinstance(self.family, BackboneFamily):
             return self.family
         if isinstance(self.family, str):
-            from autotransfer.plugins.host import get_plugin_host
-
             return get_plugin_host().family(self.family)
         return self.family()
 

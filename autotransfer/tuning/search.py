@@ -23,16 +23,18 @@ from autotransfer.engine.trainer import TrialError, evaluate
 from autotransfer.exceptions import AutotransferError, BackboneError, NoSuccessfulTrialsError
 from autotransfer.plugins.host import PluginHost, get_plugin_host
 from autotransfer.spec.model import StudySpec
-from autotransfer.store.budget import BudgetedStudy, BudgetSpent, budget_lock
+from autotransfer.store.budget import BudgetedStudy, BudgetSpent
 from autotransfer.store.checkpoints import load_trial_backbone
+from autotransfer.store.opening import open_for_trials
 from autotransfer.store.records import CLASSES_ATTR, FAIL_REASON_ATTR, TEST_METRICS_ATTR
-from autotransfer.store.recovery import after_trial, recover_lost_trials, writer_study
+from autotransfer.store.recovery import after_trial, recover_lost_trials
 from autotransfer.store.storage import artifact_store, default_artifacts_dir, open_storage
 from autotransfer.store.studies import create_or_resume, test_metrics
 from autotransfer.tuning.gpus import GpuPlan, launch
 from autotransfer.tuning.interrupts import handle_signals
 from autotransfer.tuning.objective import Objective, plugin_label
 from autotransfer.tuning.progress import Progress, quiet_failed_trials
+from autotransfer.tuning.sampling import make_pruner, make_sampler
 
 
 @dataclass
@@ -113,9 +115,16 @@ def load_worker_inputs(spec: StudySpec) -> WorkerInputs:
     return WorkerInputs(splits, source, host, device)
 
 
+def _require_opened_for_trials(study: optuna.Study) -> None:
+    if not isinstance(study, BudgetedStudy):
+        raise TypeError(
+            "the trial loop needs the study open_for_trials returns (heartbeat, retries "
+            f"and the shared budget in place), not {type(study).__name__}"
+        )
+
+
 def run_trials(
-    study: optuna.Study,
-    storage_url: str,
+    study: BudgetedStudy,
     spec: StudySpec,
     inputs: WorkerInputs,
     artifacts: Path,
@@ -131,7 +140,13 @@ def run_trials(
     or after ``timeout`` seconds, whichever comes first. ``add_to_target`` (a
     resumed search): once lost trials are queued again, set the study's target
     to this many more than it has settled (None: no target; False: leave it).
-    Returns how many trials this process ran."""
+    Returns how many trials this process ran.
+
+    Raises:
+        TypeError: ``study`` is not from :func:`autotransfer.store.opening.open_for_trials`
+            (its heartbeat or its budget would be missing).
+    """
+    _require_opened_for_trials(study)
     ran: list[int] = []
 
     def count(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -141,10 +156,6 @@ def run_trials(
     objective = Objective(
         spec, inputs.splits, inputs.host, store, progress, inputs.source, inputs.device
     )
-    study = writer_study(study, spec.recovery)  # heartbeats on
-    # Last, on the study object that runs the trials: every ask claims a slot of
-    # the study's shared budget first (keep this after any other re-opening).
-    study = BudgetedStudy(study, budget_lock(storage_url, study.study_name))
     # SIGTERM / Ctrl-C: mark and re-queue the running trial; a failed trial: one line
     with handle_signals(), quiet_failed_trials(progress):
         recover_lost_trials(study, store, progress.message)  # retried before new trials
@@ -186,6 +197,8 @@ def run_search(
     inputs = load_worker_inputs(spec)
     splits = inputs.splits
     study = create_or_resume(spec, storage_url, artifacts)
+    # A resumed run draws on from where it was, not the same random start-up draws.
+    sampler = make_sampler(spec, offset=len(study.trials) if resumed else 0)
     # Only now, with all input checked: bad input gets one error line and nothing else.
     shape = (
         f"texts (at most {spec.data.max_length} tokens)" if splits.modality == "text"
@@ -210,12 +223,12 @@ def run_search(
     # (``n_trials`` more than it had settled) is met, by it or by workers.
     add = spec.n_trials if resumed else False
     dead: list[str] = []
+    trials = open_for_trials(storage_url, spec.name, spec.recovery, sampler, make_pruner(spec))
     if gpus is not None and gpus.spawn:
-        dead = run_on_gpus(study, storage_url, spec, artifacts, progress, gpus, add)
+        dead = run_on_gpus(trials, storage_url, spec, artifacts, progress, gpus, add)
     else:
         run_trials(
-            study, storage_url, spec, inputs, artifacts, progress, None, spec.timeout,
-            add_to_target=add,
+            trials, spec, inputs, artifacts, progress, None, spec.timeout, add_to_target=add
         )
     best = best_trial(study)
     test = evaluate_best_on_test(
@@ -225,7 +238,7 @@ def run_search(
 
 
 def run_on_gpus(
-    study: optuna.Study,
+    study: BudgetedStudy,
     storage_url: str,
     spec: StudySpec,
     artifacts: Path,
@@ -237,17 +250,19 @@ def run_on_gpus(
 ) -> list[str]:
     """Run the study's trials in one worker process per slot of ``plan``, as
     :func:`run_trials` would in this one (lost trials queued first, the target
-    set); returns the workers that died, described."""
+    set); returns the workers that died, described. ``study``: as for :func:`run_trials`.
+
+    Raises:
+        TypeError: ``study`` is not from :func:`autotransfer.store.opening.open_for_trials`.
+    """
+    _require_opened_for_trials(study)
     store = artifact_store(artifacts)
-    writer = BudgetedStudy(
-        writer_study(study, spec.recovery), budget_lock(storage_url, study.study_name)
-    )
-    recover_lost_trials(writer, store, progress.message)
+    recover_lost_trials(study, store, progress.message)
     if add_to_target is not False:
-        writer.set_target(add_to_target)
+        study.set_target(add_to_target)
     dead = launch(
         plan, storage_url, study.study_name, str(artifacts), progress.line,
-        lambda: recover_lost_trials(writer, store, progress.message), data, spec.timeout,
+        lambda: recover_lost_trials(study, store, progress.message), data, spec.timeout,
         n_trials,
     )
     return [e.describe() for e in dead]

@@ -20,17 +20,13 @@ import optuna
 
 from autotransfer.exceptions import DataError, StorageError
 from autotransfer.spec.model import StudySpec, validate_spec
-from autotransfer.store.budget import BudgetedStudy, budget_lock
+from autotransfer.store.opening import open_for_trials
 from autotransfer.store.records import ARTIFACTS_ATTR, CLASSES_ATTR
 from autotransfer.store.storage import open_storage, require_existing
-from autotransfer.store.studies import (
-    load_study,
-    make_pruner,
-    make_sampler,
-    stored_spec,
-)
+from autotransfer.store.studies import load_study, stored_spec
 from autotransfer.tuning.gpus import plan_gpus
 from autotransfer.tuning.progress import Progress
+from autotransfer.tuning.sampling import make_pruner, make_sampler
 from autotransfer.tuning.search import load_worker_inputs, run_on_gpus, run_trials
 
 
@@ -144,8 +140,11 @@ def run_worker(
     plan = plan_gpus(gpus, trials_per_gpu, spec.train.device)
     if plan.spawn:
         before = len(study.trials)
+        trials = open_for_trials(
+            storage_url, study.study_name, spec.recovery, make_sampler(spec), make_pruner(spec)
+        )
         dead = run_on_gpus(
-            study, storage_url, spec, path, progress, plan, data=data, n_trials=n_trials
+            trials, storage_url, spec, path, progress, plan, data=data, n_trials=n_trials
         )
         return WorkerOutcome(study, len(study.trials) - before, dead)
     inputs = load_worker_inputs(spec)
@@ -156,14 +155,16 @@ def run_worker(
             f"'{study.study_name}' was made with {list(stored_classes)}; give --data the "
             "study's data set"
         )
-    study.sampler = make_sampler(spec, offset=len(study.trials) + worker_salt())
-    study.pruner = make_pruner(spec)
-    target = BudgetedStudy(study, budget_lock(storage_url, study.study_name)).target()
+    sampler = make_sampler(spec, offset=len(study.trials) + worker_salt())
+    trials = open_for_trials(
+        storage_url, study.study_name, spec.recovery, sampler, make_pruner(spec)
+    )
+    target = trials.target()
     progress.message(
         f"worker on study '{study.study_name}': {len(study.trials)} trial(s) stored; "
         f"running until the study has {target if target is not None else 'unlimited'} "
         f"trial(s)" + (f" or this worker has run {n_trials}" if n_trials else "")
         + (f" (timeout {timeout:g}s)" if timeout else "")
     )
-    ran = run_trials(study, storage_url, spec, inputs, path, progress, n_trials, timeout)
+    ran = run_trials(trials, spec, inputs, path, progress, n_trials, timeout)
     return WorkerOutcome(study, ran)
