@@ -18,7 +18,6 @@ from pathlib import Path
 import optuna
 import torch
 from optuna.artifacts import download_artifact, upload_artifact
-from optuna.artifacts._protocol import ArtifactStore
 from safetensors.torch import load_file, save_file
 
 from autotransfer.backbones import Backbone, Preprocessing, TextPreprocessing
@@ -26,6 +25,7 @@ from autotransfer.exceptions import StorageError
 from autotransfer.plugins.host import PluginHost
 from autotransfer.spec.model import BackboneRef
 from autotransfer.store.records import CHECKPOINT_ATTR, PREPROCESSING_ATTR
+from autotransfer.store.storage import ArtifactStore
 
 
 def save_checkpoint(

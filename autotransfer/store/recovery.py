@@ -36,12 +36,17 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.artifacts._protocol import ArtifactStore
 from optuna.storages import RetryHeartbeatStaleTrialCallback
-from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 from optuna.trial import FrozenTrial, TrialState
 
 from autotransfer.spec.model import RecoverySpec
+from autotransfer.store.optuna_internals import (
+    grace_period,
+    heartbeat_enabled,
+    stale_trial_ids,
+    storage_of,
+    trial_id,
+)
 from autotransfer.store.records import (
     CARRIED_ATTRS,
     FAIL_MESSAGE_ATTR,
@@ -56,7 +61,7 @@ from autotransfer.store.records import (
     WORKER_ATTR,
 )
 from autotransfer.store.resume import drop_artifact
-from autotransfer.store.storage import Heartbeat
+from autotransfer.store.storage import ArtifactStore, Heartbeat
 
 
 def _quiet(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -101,6 +106,7 @@ class RetryStaleTrial(RetryHeartbeatStaleTrialCallback):
 
     def __init__(self, max_retry: int = 1) -> None:
         _quiet(super().__init__, max_retry=max_retry)
+        self.max_retry = max_retry
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         if trial.user_attrs.get(REQUEUED_ATTR):
@@ -111,7 +117,7 @@ class RetryStaleTrial(RetryHeartbeatStaleTrialCallback):
             **copy.deepcopy(trial.system_attrs),
         }
         system_attrs[RETRY_HISTORY_ATTR].append(trial.number)
-        if self._max_retry is not None and self._max_retry < len(system_attrs[RETRY_HISTORY_ATTR]):
+        if self.max_retry is not None and self.max_retry < len(system_attrs[RETRY_HISTORY_ATTR]):
             return
         _queue_copy(study, trial, system_attrs)
 
@@ -135,7 +141,7 @@ def requeue_interrupted(trial: optuna.Trial, signame: str) -> None:
     it). Interruptions keep the trial's retry history as it was.
     """
     trial.set_user_attr(INTERRUPTED_ATTR, signame)
-    frozen = trial.study._storage.get_trial(trial._trial_id)
+    frozen = trial.storage.get_trial(trial_id(trial))
     carried = (FAILED_TRIAL_ATTR, RETRY_HISTORY_ATTR)
     keep = {k: v for k, v in frozen.system_attrs.items() if k in carried}
     # The copy stands in for the trial in the study's budget (autotransfer.store.budget).
@@ -219,31 +225,30 @@ def recover_lost_trials(
     deleted from ``store``. Needs a storage opened with heartbeats; returns the
     failed trials' numbers.
     """
-    storage = study._storage
-    if not (isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage)):
+    if not heartbeat_enabled(study):
         return []
-    stale = set(storage._get_stale_trial_ids(study._study_id))
+    storage = storage_of(study)
+    stale = set(stale_trial_ids(study))
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    why = {t._trial_id: "no heartbeat" for t in running if t._trial_id in stale}
+    why = {trial_id(t): "no heartbeat" for t in running if trial_id(t) in stale}
     for t in running:
-        if t._trial_id not in why and worker_is_gone(t.user_attrs.get(WORKER_ATTR)):
-            why[t._trial_id] = f"its worker process {t.user_attrs[WORKER_ATTR]['pid']} is gone"
-    backend = getattr(storage, "_backend", storage)  # Optuna wraps RDBStorage in a cache
-    grace = getattr(backend, "grace_period", None) or 2 * (storage.get_heartbeat_interval() or 0)
+        if trial_id(t) not in why and worker_is_gone(t.user_attrs.get(WORKER_ATTR)):
+            why[trial_id(t)] = f"its worker process {t.user_attrs[WORKER_ATTR]['pid']} is gone"
+    grace = grace_period(study) or 2 * (storage.get_heartbeat_interval() or 0)
     failed = []
-    for trial_id, reason in why.items():
+    for lost_id, reason in why.items():
         detail = reason if reason != "no heartbeat" else f"no heartbeat for over {grace}s"
         try:
-            storage.set_trial_user_attr(trial_id, FAIL_REASON_ATTR, LOST_REASON)
-            storage.set_trial_user_attr(trial_id, FAIL_MESSAGE_ATTR, f"worker lost: {detail}")
-            if storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
-                failed.append((trial_id, detail))
+            storage.set_trial_user_attr(lost_id, FAIL_REASON_ATTR, LOST_REASON)
+            storage.set_trial_user_attr(lost_id, FAIL_MESSAGE_ATTR, f"worker lost: {detail}")
+            if storage.set_trial_state_values(lost_id, state=TrialState.FAIL):
+                failed.append((lost_id, detail))
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another worker (or the trial itself) finished it first
     callback = storage.get_heartbeat_stale_trial_callback()
     numbers = []
-    for trial_id, detail in failed:
-        frozen = copy.deepcopy(storage.get_trial(trial_id))
+    for lost_id, detail in failed:
+        frozen = copy.deepcopy(storage.get_trial(lost_id))
         numbers.append(frozen.number)
         if callback is not None:
             callback(study, frozen)

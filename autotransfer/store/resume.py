@@ -28,11 +28,11 @@ from typing import Any
 
 import optuna
 import torch
-from optuna.artifacts._protocol import ArtifactStore
 from optuna.artifacts.exceptions import ArtifactNotFound
 
 from autotransfer.store.checkpoints import ARTIFACT_ID, check_artifact_id
 from autotransfer.store.records import RESUME_EPOCH_ATTR, RESUME_STATE_ATTR
+from autotransfer.store.storage import ArtifactStore
 
 
 def save_epoch_state(trial: optuna.Trial, state: dict[str, Any], store: ArtifactStore) -> str:

@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import optuna
 from optuna.artifacts import FileSystemArtifactStore
@@ -177,6 +177,17 @@ def default_artifacts_dir(url: str) -> Path:
     return Path.cwd() / ARTIFACTS_DIRNAME
 
 
+class ArtifactStore(Protocol):
+    """What autotransfer uses of an Optuna artifact store (Optuna's own protocol
+    lives in a private module)."""
+
+    def open_reader(self, artifact_id: str) -> BinaryIO: ...
+
+    def write(self, artifact_id: str, content_body: BinaryIO) -> None: ...
+
+    def remove(self, artifact_id: str) -> None: ...
+
+
 class AtomicFileSystemArtifactStore(FileSystemArtifactStore):
     """Optuna's file-system artifact store, with atomic writes.
 
@@ -187,8 +198,15 @@ class AtomicFileSystemArtifactStore(FileSystemArtifactStore):
     artifact is either whole or absent.
     """
 
+    def __init__(self, base_path: str | Path) -> None:
+        super().__init__(base_path)
+        self.root = Path(base_path)
+
     def write(self, artifact_id: str, content_body: BinaryIO) -> None:
-        target = self._get_filepath(artifact_id)
+        # An id is one file name in the root: never a path out of it.
+        if not artifact_id or Path(artifact_id).name != artifact_id or artifact_id in ("..", "."):
+            raise ValueError(f"Invalid artifact_id: {artifact_id}")
+        target = self.root / artifact_id
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         try:
             with os.fdopen(fd, "wb") as f:

@@ -22,6 +22,8 @@ import threading
 from collections.abc import Iterator
 from types import FrameType
 
+from autotransfer.store.optuna_internals import OPTIMIZE_LOGGER
+
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -79,7 +81,7 @@ def handle_signals() -> Iterator[None]:
         received.append(signum)
         raise Interrupted(signum)
 
-    quiet, logger = _QuietInterruptedTrial(), logging.getLogger("optuna.study._optimize")
+    quiet, logger = _QuietInterruptedTrial(), logging.getLogger(OPTIMIZE_LOGGER)
     previous = {s: signal.signal(s, handler) for s in SIGNALS}
     logger.addFilter(quiet)
     try:

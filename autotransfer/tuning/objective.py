@@ -18,7 +18,6 @@ import time
 
 import optuna
 import torch
-from optuna.artifacts._protocol import ArtifactStore
 
 from autotransfer.data.batches import fit_to_data
 from autotransfer.data.datasets import ImageSet, Splits
@@ -29,6 +28,7 @@ from autotransfer.exceptions import AutotransferError
 from autotransfer.plugins.host import PluginHost
 from autotransfer.spec.model import BackboneRef, FloatParam, FloatRange, StudySpec
 from autotransfer.store.checkpoints import save_checkpoint
+from autotransfer.store.optuna_internals import trial_id
 from autotransfer.store.records import (
     BEST_EPOCH_ATTR,
     DEVICE_ATTR,
@@ -55,6 +55,7 @@ from autotransfer.store.records import (
 )
 from autotransfer.store.recovery import requeue_interrupted, worker_identity
 from autotransfer.store.resume import drop_artifact, load_epoch_state, save_epoch_state
+from autotransfer.store.storage import ArtifactStore
 from autotransfer.tuning.interrupts import signal_name
 from autotransfer.tuning.progress import Progress
 from autotransfer.tuning.watchdog import TrialStalled, Watchdog
@@ -319,7 +320,7 @@ class Objective:
     def _unresponsive(self, trial: optuna.Trial, idle: float) -> None:
         """From the watchdog thread: the main thread is stuck outside Python.
         Record the failure in the storage ourselves; the process then exits."""
-        storage, trial_id = trial.storage, trial._trial_id
+        storage, lost_id = trial.storage, trial_id(trial)
         message = (
             f"trial {trial.number} made no progress for {idle:.0f}s "
             f"(train.stall_timeout {self.spec.train.stall_timeout:g}s) and did not stop"
@@ -331,9 +332,9 @@ class Objective:
             flush=True,
         )
         try:
-            storage.set_trial_user_attr(trial_id, FAIL_REASON_ATTR, "timeout")
-            storage.set_trial_user_attr(trial_id, FAIL_MESSAGE_ATTR, message)
-            storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+            storage.set_trial_user_attr(lost_id, FAIL_REASON_ATTR, "timeout")
+            storage.set_trial_user_attr(lost_id, FAIL_MESSAGE_ATTR, message)
+            storage.set_trial_state_values(lost_id, optuna.trial.TrialState.FAIL)
         except Exception as exc:  # noqa: BLE001 - exiting anyway
             print(f"error: could not mark trial {trial.number}: {exc}", file=sys.stderr)
         self._drop_state(trial)

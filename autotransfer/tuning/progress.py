@@ -18,9 +18,10 @@ from rich.markup import escape
 
 from autotransfer.engine.trainer import EpochResult, TrialParams
 from autotransfer.exceptions import AutotransferError
+from autotransfer.store.optuna_internals import OPTIMIZE_LOGGER
 from autotransfer.store.summary import device_label
 
-OPTUNA_TRIAL_LOGGER = "optuna.study._optimize"
+OPTUNA_TRIAL_LOGGER = OPTIMIZE_LOGGER  # where Optuna logs "Trial N failed"
 
 
 class Progress:
