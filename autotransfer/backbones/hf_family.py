@@ -37,6 +37,10 @@ texts get the directory's own (fast) tokenizer, and as max length the lowest of
 the tokenizer's ``model_max_length``, the position embeddings and a
 sentence-transformers ``max_seq_length``. A text model directory without
 tokenizer files is refused rather than given another model's tokenizer.
+
+One module (about 500 lines): image and text models share the configuration,
+packaged-weights, block and error paths; split by modality, each half would
+repeat them.
 """
 
 from __future__ import annotations

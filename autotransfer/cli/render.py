@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 import optuna
 from rich.console import Console
+from rich.table import Table
 
-from autotransfer.store.records import FROZEN_BLOCKS_ATTR, N_BLOCKS_ATTR, VAL_F1_ATTR
+from autotransfer.store.records import (
+    BEST_EPOCH_ATTR,
+    FAIL_MESSAGE_ATTR,
+    FAIL_REASON_ATTR,
+    FROZEN_BLOCKS_ATTR,
+    N_BLOCKS_ATTR,
+    PRUNED_AT_EPOCH_ATTR,
+    SECONDS_ATTR,
+    VAL_ACCURACY_ATTR,
+    VAL_F1_ATTR,
+)
 from autotransfer.store.studies import test_metrics
-from autotransfer.store.summary import best_per_backbone, trial_records, trials_table
+from autotransfer.store.summary import best_per_backbone, trial_records
 from autotransfer.tuning.search import SearchOutcome
 
 MAX_CLASSES_SHOWN = 20
@@ -26,6 +38,54 @@ def _best(study: optuna.Study) -> int | None:
         return study.best_trial.number
     except ValueError:
         return None
+
+
+def _f(v: float | None, fmt: str) -> str:
+    return "" if v is None else format(v, fmt)
+
+
+FAIL_MESSAGE_WIDTH = 48
+"""A failed trial's message is cut to this many characters in the table (JSON: whole)."""
+
+
+def _short(text: str | None, width: int = FAIL_MESSAGE_WIDTH) -> str:
+    text = " ".join((text or "").split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def trials_table(rows: list[dict[str, Any]], best: int | None = None, title: str = "") -> Table:
+    """The trials as a table; a ``failure`` column (shortened ``fail_message``)
+    when a trial failed."""
+    table = Table(title=title or None, title_justify="left")
+    failures = any(r.get(FAIL_MESSAGE_ATTR) for r in rows)
+    for col, justify in [
+        ("#", "right"), ("state", "left"), ("backbone", "left"), ("freeze", "right"),
+        ("lr", "right"), ("α", "right"), ("batch", "right"), ("val acc", "right"),
+        ("val F1", "right"), ("best ep", "right"), ("pruned at", "right"), ("time", "right"),
+        *([("failure", "left")] if failures else []),
+    ]:
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for r in rows:
+        p = r["params"]
+        k, n = r[FROZEN_BLOCKS_ATTR], r[N_BLOCKS_ATTR]
+        state = r["state"] if r["state"] != "FAIL" else f"FAIL ({r[FAIL_REASON_ATTR] or '?'})"
+        mark = " ◀ best" if r["number"] == best else ""
+        table.add_row(
+            str(r["number"]),
+            state + mark,
+            str(p.get("backbone", "")),
+            f"{k}/{n}" if k is not None else "",
+            _f(p.get("lr"), ".1e"),
+            _f(p.get("alpha"), ".2f"),
+            str(p.get("batch_size", "")),
+            _f(r[VAL_ACCURACY_ATTR], ".3f"),
+            _f(r[VAL_F1_ATTR], ".3f"),
+            str(r[BEST_EPOCH_ATTR] or ""),
+            str(r[PRUNED_AT_EPOCH_ATTR] or ""),
+            f"{r[SECONDS_ATTR]:.0f}s" if r[SECONDS_ATTR] is not None else "",
+            *([_short(r.get(FAIL_MESSAGE_ATTR))] if failures else []),
+        )
+    return table
 
 
 def print_trials(study: optuna.Study, as_json: bool) -> None:

@@ -1,11 +1,10 @@
-"""Trial records for tables and JSON: one flat dict per trial."""
+"""Trial records for tables, JSON and the report: one flat dict per trial."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import optuna
-from rich.table import Table
 
 from autotransfer.store.records import (
     BEST_EPOCH_ATTR,
@@ -61,54 +60,6 @@ def device_label(device: dict[str, Any] | None) -> str:
     if device.get("channels_last"):
         parts.append("channels_last")
     return f"{device.get('device', '?')} ({', '.join(parts)})"
-
-
-def _f(v: float | None, fmt: str) -> str:
-    return "" if v is None else format(v, fmt)
-
-
-FAIL_MESSAGE_WIDTH = 48
-"""A failed trial's message is cut to this many characters in the table (JSON: whole)."""
-
-
-def _short(text: str | None, width: int = FAIL_MESSAGE_WIDTH) -> str:
-    text = " ".join((text or "").split())
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def trials_table(rows: list[dict[str, Any]], best: int | None = None, title: str = "") -> Table:
-    """The trials as a table; a ``failure`` column (shortened ``fail_message``)
-    when a trial failed."""
-    table = Table(title=title or None, title_justify="left")
-    failures = any(r.get(FAIL_MESSAGE_ATTR) for r in rows)
-    for col, justify in [
-        ("#", "right"), ("state", "left"), ("backbone", "left"), ("freeze", "right"),
-        ("lr", "right"), ("α", "right"), ("batch", "right"), ("val acc", "right"),
-        ("val F1", "right"), ("best ep", "right"), ("pruned at", "right"), ("time", "right"),
-        *([("failure", "left")] if failures else []),
-    ]:
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
-    for r in rows:
-        p = r["params"]
-        k, n = r[FROZEN_BLOCKS_ATTR], r[N_BLOCKS_ATTR]
-        state = r["state"] if r["state"] != "FAIL" else f"FAIL ({r[FAIL_REASON_ATTR] or '?'})"
-        mark = " ◀ best" if r["number"] == best else ""
-        table.add_row(
-            str(r["number"]),
-            state + mark,
-            str(p.get("backbone", "")),
-            f"{k}/{n}" if k is not None else "",
-            _f(p.get("lr"), ".1e"),
-            _f(p.get("alpha"), ".2f"),
-            str(p.get("batch_size", "")),
-            _f(r[VAL_ACCURACY_ATTR], ".3f"),
-            _f(r[VAL_F1_ATTR], ".3f"),
-            str(r[BEST_EPOCH_ATTR] or ""),
-            str(r[PRUNED_AT_EPOCH_ATTR] or ""),
-            f"{r[SECONDS_ATTR]:.0f}s" if r[SECONDS_ATTR] is not None else "",
-            *([_short(r.get(FAIL_MESSAGE_ATTR))] if failures else []),
-        )
-    return table
 
 
 def best_per_backbone(rows: list[dict[str, Any]]) -> dict[str, float]:
