@@ -76,6 +76,20 @@ def test_layout_and_config(tiny: TinyExport) -> None:
     card = (tiny.export / "README.md").read_text()
     assert "2 trials: 2 complete, 0 pruned" in card
     assert "already normalised" in card and "logits" in card
+    # Per class: the test metrics in config.json and the card, and the confusion matrix.
+    test = c["metrics"]["test"]
+    assert test["classes"] == c["labels"] and set(test["per_class"]) == set(c["labels"])
+    assert [sum(row) for row in test["confusion"]] == [
+        test["per_class"][name]["support"] for name in c["labels"]]
+    assert "### Test set, per class" in card and "### Test set, confusion matrix" in card
+    blue = test["per_class"]["blue"]
+    assert (f"| blue | {blue['precision']:.4g} | {blue['recall']:.4g} | {blue['f1']:.4g} "
+            f"| {blue['support']} |") in card
+    assert "| true \\ predicted | blue | green | red |" in card
+    assert "| blue | " + " | ".join(map(str, test["confusion"][0])) + " |" in card
+    # Where the data came from: the split of data.path, no given sets here.
+    assert c["data"]["val"] is None and c["data"]["test"] is None
+    assert "split per class train/val/test = 0.5/0.25/0.25 (seed 0)" in card
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
@@ -206,3 +220,21 @@ def test_search_export_option(tmp_path: Path, tiny: TinyExport) -> None:
     assert config["trial"]["number"] == best
     assert config["labels"] == sorted(COLOURS)
     assert os.access(tmp_path / "out" / "model.onnx", os.R_OK)
+
+
+def test_card_names_given_sets_and_leaves_a_large_confusion_matrix_to_config() -> None:
+    from autotransfer.engine.trainer import Metrics
+    from autotransfer.export.card import CONFUSION_MAX_CLASSES, _per_class, _split_line
+
+    data = {"path": "/d/photos", "split": {"train": 0.6, "val": 0.2, "test": 0.2},
+            "val": "/d/photos-val", "test": None, "path_split": {"train": 0.75, "test": 0.25},
+            "seed": 3}
+    assert _split_line(data) == ("`/d/photos`, split per class train/test = 0.75/0.25 "
+                                 "(seed 3); validation set `/d/photos-val` (given)")
+    n = CONFUSION_MAX_CLASSES + 1
+    classes = [f"c{i}" for i in range(n)]
+    confusion = [[5 if i == j else 0 for j in range(n)] for i in range(n)]
+    card = _per_class(Metrics(1.0, 1.0, 0.0, confusion).record(classes))
+    assert card.count("| 1 | 1 | 1 | 5 |") == n  # every class in the per-class table
+    assert f"The confusion matrix ({n} classes) is in `config.json`" in card
+    assert _per_class({"accuracy": 0.9, "macro_f1": 0.9, "n": 10}) == ""  # an older study

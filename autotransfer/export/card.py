@@ -28,7 +28,7 @@ def model_card(config: dict[str, Any]) -> str:
     ver = c["verification"]
     params = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in sorted(t["params"].items()))
     labels = ", ".join(c["labels"][:50]) + (" ..." if len(c["labels"]) > 50 else "")
-    split = "/".join(f"{data['split'][k]:g}" for k in ("train", "val", "test"))
+    split = _split_line(data)
     text = c["task"] == TEXT_TASK
     kind, noun = ("Text", "texts") if text else ("Image", "images")
     io = _text_io(c) if text else _image_io(c)
@@ -67,10 +67,10 @@ def model_card(config: dict[str, Any]) -> str:
 |---|---|---|---|
 | validation (used to choose the trial) {val_row}
 | test (held out, never seen by the search) {test_row}
-
+{_per_class(test)}
 ## Data
 
-`{data["path"]}`, split per class train/val/test = {split} (seed {data["seed"]}),
+{split},
 {shape}. Labels, in output order: {labels}.
 
 ## Search
@@ -103,6 +103,61 @@ max abs logit difference {ver["torchscript_max_abs_diff"]:.1e} (TorchScript),
 Trained on {c["data"]["path"]} only; expect it to be wrong on {noun} unlike those.
 Validation and test metrics come from small splits; see the counts above.
 """
+
+
+CONFUSION_MAX_CLASSES = 20
+"""The card prints the confusion matrix up to this many classes (config.json always)."""
+
+
+def _cell(name: Any) -> str:
+    return str(name).replace("|", "\\|")
+
+
+def _per_class(test: dict[str, Any]) -> str:
+    """The test set's precision, recall and F1 per class and its confusion matrix
+    (rows: true class, columns: predicted), as Markdown; empty for test metrics
+    stored before these existed."""
+    per_class, classes, confusion = (test.get(k) for k in ("per_class", "classes", "confusion"))
+    if not per_class or not classes or not confusion:
+        return ""
+    rows = "\n".join(
+        f"| {_cell(name)} | {_fmt(m['precision'])} | {_fmt(m['recall'])} | {_fmt(m['f1'])} "
+        f"| {m['support']} |"
+        for name, m in per_class.items()
+    )
+    out = (
+        "\n### Test set, per class\n\n| class | precision | recall | F1 | support |\n"
+        f"|---|---|---|---|---|\n{rows}\n"
+    )
+    if len(classes) > CONFUSION_MAX_CLASSES:
+        return out + (
+            f"\nThe confusion matrix ({len(classes)} classes) is in `config.json`, "
+            "`metrics.test.confusion` (rows: true class, columns: predicted).\n"
+        )
+    header = "| true \\ predicted | " + " | ".join(_cell(c) for c in classes) + " |"
+    rule = "|---" * (len(classes) + 1) + "|"
+    body = "\n".join(
+        f"| {_cell(name)} | " + " | ".join(str(v) for v in row) + " |"
+        for name, row in zip(classes, confusion, strict=True)
+    )
+    return out + (
+        "\n### Test set, confusion matrix\n\nRows: true class; columns: predicted class.\n\n"
+        f"{header}\n{rule}\n{body}\n"
+    )
+
+
+def _split_line(data: dict[str, Any]) -> str:
+    """Where the training, validation and test examples came from."""
+    fractions = data.get("path_split") or data["split"]
+    parts = "/".join(fractions)
+    line = (
+        f"`{data['path']}`, split per class {parts} = "
+        + "/".join(f"{f:g}" for f in fractions.values())
+        + f" (seed {data['seed']})"
+    )
+    given = [f"{name} set `{data[part]}` (given)" for part, name in
+             (("val", "validation"), ("test", "test")) if data.get(part)]
+    return line + ("; " + ", ".join(given) if given else "")
 
 
 def _image_io(c: dict[str, Any]) -> str:

@@ -152,6 +152,7 @@ def _image_fields(spec: StudySpec, backbone: Any, n_classes: int) -> dict[str, A
             "path": spec.data.path,
             "image_size": size,
             "split": spec.data.split.model_dump(),
+            **_given_sets(spec),
             "seed": spec.data.seed,
         },
     }
@@ -192,6 +193,20 @@ def _text_fields(spec: StudySpec, backbone: Any, n_classes: int) -> dict[str, An
             "label_column": spec.data.label_column,
             "max_length": spec.data.max_length,
             "split": spec.data.split.model_dump(),
+            **_given_sets(spec),
             "seed": spec.data.seed,
         },
+    }
+
+
+def _given_sets(spec: StudySpec) -> dict[str, Any]:
+    """The validation and test sets given as their own data sets (null: split off
+    ``path``), and the fractions ``path`` was split by (:func:`split_fractions`)."""
+    from autotransfer.data.datasets import split_fractions
+
+    given = spec.data.given
+    return {
+        "val": given.get("val"),
+        "test": given.get("test"),
+        "path_split": split_fractions(spec.data.split, tuple(given)),
     }
