@@ -25,8 +25,18 @@ def export(
     force: Annotated[
         bool, typer.Option("--force", help="Replace a previous export in OUT_DIR.")
     ] = False,
+    refit: Annotated[
+        bool | None,
+        typer.Option(
+            "--refit/--no-refit",
+            help="Export a model trained again on train + validation with the trial's "
+            "parameters, seed and best epoch count (test metrics computed for it), or the "
+            "trial's own checkpoint; default: the study spec's export.refit (off).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Export a trial (the best by default) from its checkpoint, without retraining.
+    """Export a trial (the best by default) from its checkpoint, or refit on train + val.
 
     Writes model.safetensors, model.torchscript.pt (plain torch), model.onnx (plain
     onnxruntime), config.json and a model card README.md. Both programs take float32
@@ -36,7 +46,7 @@ def export(
     from autotransfer.store.studies import load_study
 
     study = load_study(storage, study_name)
-    result = export_trial(study, out_dir, trial, force=force, message=_stderr)
+    result = export_trial(study, out_dir, trial, force=force, message=_stderr, refit=refit)
     print_export(result)
 
 
@@ -49,8 +59,15 @@ def print_export(result: object) -> None:
     config = result.config  # type: ignore[attr-defined]
     test = config["metrics"]["test"] or {}
     acc = test.get("accuracy")
+    held = config["model"]
+    what = (
+        f"refit on train+val for {held['epochs']} epochs" if held["kind"] == "refit"
+        else "trial weights"
+    )
+    trial_acc = (config["metrics"].get("trial_test") or {}).get("accuracy")
     typer.echo(
-        f"exported trial {result.trial} ({result.backbone}) to {result.path}: "  # type: ignore[attr-defined]
+        f"exported trial {result.trial} ({result.backbone}, {what}) to {result.path}: "  # type: ignore[attr-defined]
         f"{config['num_classes']} classes, val_acc {config['metrics']['val']['accuracy']:.3f}"
         + (f", test_acc {acc:.3f}" if acc is not None else "")
+        + (f" (trial weights: test_acc {trial_acc:.3f})" if trial_acc is not None else "")
     )

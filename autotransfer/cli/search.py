@@ -100,7 +100,7 @@ def search(
         typer.Option(
             "--export",
             help="When the search ends, export the best trial to this new directory "
-            "(see `autotransfer export`).",
+            "(see `autotransfer export`; the spec's export.refit: a model refit on train + val).",
         ),
     ] = None,
     gpus: Gpus = None,
@@ -166,9 +166,16 @@ def search(
         from autotransfer.export.writer import export_trial
 
         done = export_trial(
-            outcome.study, export, outcome.best.number, message=lambda m: typer.echo(m, err=True)
+            outcome.study, export, outcome.best.number,
+            message=lambda m: typer.echo(m, err=True), refit=resolved.export.refit,
         )
-        typer.echo(f"exported trial {done.trial} to {done.path}", err=True)
+        acc = (done.config["metrics"]["test"] or {}).get("accuracy")
+        typer.echo(
+            f"exported trial {done.trial} "
+            f"({'refit on train+val' if done.refit else 'trial weights'}) to {done.path}"
+            + (f": test_acc {acc:.3f}" if acc is not None else ""),
+            err=True,
+        )
 
 
 def general_defaults(overrides: dict[str, Any], storage: str) -> StudySpec:

@@ -93,6 +93,18 @@ class TextSet:
 Dataset = ImageSet | TextSet
 
 
+def concat(a: Dataset, b: Dataset) -> Dataset:
+    """The examples of ``a`` then those of ``b`` (same modality and classes), e.g.
+    train + validation for a refit."""
+    if a.classes != b.classes or a.modality != b.modality:
+        raise ValueError("concat needs two sets of the same modality and classes")
+    labels = torch.cat([a.labels, b.labels])
+    if isinstance(a, ImageSet) and isinstance(b, ImageSet):
+        return ImageSet(torch.cat([a.images, b.images]), labels, a.classes)
+    assert isinstance(a, TextSet) and isinstance(b, TextSet)
+    return TextSet([*a.texts, *b.texts], labels, a.classes)
+
+
 @dataclass
 class Splits:
     train: Dataset

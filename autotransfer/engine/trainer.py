@@ -314,6 +314,7 @@ class Trainer:
         self.best: EpochResult | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
         self.epoch = 0  # the last finished epoch
+        self.examples_seen = 0  # training examples stepped on, over all epochs
         self.history: list[tuple[int, float]] = []  # (epoch, val accuracy), as reported
         # Called after every batch (training and validation): the watchdog's heartbeat.
         self.on_batch: Callable[[], None] | None = None
@@ -415,6 +416,7 @@ class Trainer:
                 self._shrink_micro_batch(error)
             losses.append(loss_sum)
             sizes.append(len(idx))
+            self.examples_seen += len(idx)
             if len(losses) - checked >= self.check_every:
                 self._check_losses(losses, sizes, checked)
                 checked = len(losses)
@@ -593,6 +595,21 @@ class Trainer:
             self.epoch = epoch
             self.history.append((epoch, val.accuracy))
             yield result
+
+    def fit(self, epochs: int) -> list[float]:
+        """Train the first ``epochs`` epochs of the schedule on ``splits.train``
+        with no validation, no selection and no pruning: the model is the last
+        epoch's (a refit, :mod:`autotransfer.tuning.refit`). The learning-rate
+        schedule is the trial's (over ``spec.train.epochs``), so stopping at the
+        trial's best epoch stops where that epoch's weights were taken. Returns
+        each epoch's mean training loss."""
+        if not 1 <= epochs <= self.spec.train.epochs:
+            raise ValueError(f"epochs must be in 1..{self.spec.train.epochs}, not {epochs}")
+        losses = []
+        for epoch in range(self.epoch + 1, epochs + 1):
+            losses.append(self._train_epoch())
+            self.epoch = epoch
+        return losses
 
     def _evaluate(self) -> Metrics:
         """:func:`evaluate` on the validation set, halving the evaluation batch on

@@ -52,22 +52,41 @@ def model_card(config: dict[str, Any]) -> str:
         if text else "a random batch"
     )
     val_row = f"| {_fmt(val['accuracy'])} | {_fmt(val['macro_f1'])} | |"
-    test_row = (
-        f"| {_fmt(test.get('accuracy'))} | {_fmt(test.get('macro_f1'))} "
-        f"| {_fmt(test.get('n'))} |"
-    )
+    held = c.get("model") or {"kind": "trial", "epochs": t["best_epoch"]}
+    test_row = _metrics_row(test)
+    if held["kind"] == "refit":
+        held_line = (
+            f"The weights are a **refit**: trial {t['number']}'s model trained again with its "
+            f"parameters and seed on train + validation ({held['train_examples']} {noun}) "
+            f"for {held['epochs']} epoch(s), its best epoch count; not the trial's own "
+            "checkpoint."
+        )
+        rows = (
+            f"| validation (trial {t['number']}'s checkpoint; chose the trial) {val_row}\n"
+            f"| test, this refit model (held out, never trained on) {test_row}\n"
+            f"| test, trial {t['number']}'s checkpoint (trained on train only) "
+            f"{_metrics_row(c['metrics'].get('trial_test') or {})}\n"
+        )
+    else:
+        held_line = (
+            f"The weights are trial {t['number']}'s best checkpoint (epoch "
+            f"{_fmt(held['epochs'])}, trained on the train split)."
+        )
+        rows = (
+            f"| validation (used to choose the trial) {val_row}\n"
+            f"| test (held out, never seen by the search) {test_row}\n"
+        )
     return f"""# {bb["name"]} fine-tuned on {data["path"]}
 
 {kind} classifier ({c["num_classes"]} classes) exported by autotransfer
 {c["versions"]["autotransfer"]} from trial {t["number"]} of study `{c["study"]["name"]}`.
+{held_line}
 
 ## Metrics
 
 | split | accuracy | macro F1 | {noun} |
 |---|---|---|---|
-| validation (used to choose the trial) {val_row}
-| test (held out, never seen by the search) {test_row}
-{_per_class(test)}
+{rows}{_per_class(test)}
 ## Data
 
 {split},
@@ -158,6 +177,10 @@ def _split_line(data: dict[str, Any]) -> str:
     given = [f"{name} set `{data[part]}` (given)" for part, name in
              (("val", "validation"), ("test", "test")) if data.get(part)]
     return line + ("; " + ", ".join(given) if given else "")
+
+
+def _metrics_row(m: dict[str, Any]) -> str:
+    return f"| {_fmt(m.get('accuracy'))} | {_fmt(m.get('macro_f1'))} | {_fmt(m.get('n'))} |"
 
 
 def _image_io(c: dict[str, Any]) -> str:

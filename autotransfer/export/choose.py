@@ -45,6 +45,21 @@ def choose_trial(study: optuna.Study, number: int | None) -> optuna.trial.Frozen
     return trial
 
 
+def refit_data(spec: StudySpec) -> tuple[Any, Any]:
+    """The splits (and source set) a refit trains on.
+
+    Raises:
+        DataError: the data set cannot be read.
+    """
+    try:
+        return prepare_data(spec)
+    except DataError as exc:
+        raise DataError(
+            f"a refit trains on the study's data, which cannot be read: {exc}; restore the "
+            "data set, or export the trial's own weights (--no-refit)"
+        ) from None
+
+
 def classes_and_test(
     study: optuna.Study,
     trial: optuna.trial.FrozenTrial,
@@ -52,15 +67,18 @@ def classes_and_test(
     host: Any,
     store: Any,
     say: Any,
+    splits: Any = None,
 ) -> tuple[list[str], dict[str, float] | None]:
     """Class names (stored at search time, else re-read from the data set) and the
-    trial's test metrics (computed once and stored, when the data can be read)."""
+    trial's test metrics (computed once and stored, when the data can be read);
+    ``splits``: the data, if already loaded."""
     classes = study.user_attrs.get(CLASSES_ATTR)
     test = test_metrics(study).get(str(trial.number))
-    if classes and test is not None:
+    if classes and test is not None and splits is None:
         return list(classes), test
     try:
-        splits, _ = prepare_data(spec)
+        if splits is None:
+            splits, _ = prepare_data(spec)
     except DataError as exc:
         if classes:
             say(f"export: no test metrics for trial {trial.number} (data set unreadable: {exc})")

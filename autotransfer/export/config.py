@@ -66,8 +66,12 @@ def build_config(
     classes: list[str],
     test: dict[str, float] | None,
     verification: dict[str, Any],
+    held: dict[str, Any] | None = None,
+    trial_test: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """The ``config.json`` mapping (see docs/export.md for each field)."""
+    """The ``config.json`` mapping (see docs/export.md for each field). ``held``:
+    which model the export holds (``model``); ``test``: that model's test
+    metrics; ``trial_test``: with a refit, the trial's own checkpoint's."""
     attrs = trial.user_attrs
     fields = (
         _text_fields(spec, backbone, len(classes)) if backbone.modality == "text"
@@ -92,6 +96,8 @@ def build_config(
         },
         "preprocessing": fields["preprocessing"],
         "backbone": fields["backbone"],
+        "model": held or {"kind": "trial", "trained_on": "train",
+                          "epochs": attrs.get(BEST_EPOCH_ATTR)},
         "trial": {
             "number": trial.number,
             "params": dict(trial.params),
@@ -104,6 +110,7 @@ def build_config(
         "metrics": {
             "val": {"accuracy": trial.value, "macro_f1": attrs.get(VAL_F1_ATTR)},
             "test": test,
+            **({"trial_test": trial_test} if held and held["kind"] == "refit" else {}),
         },
         "data": fields["data"],
         "study": _study_summary(study),

@@ -1,10 +1,13 @@
 """Exporting a finished trial as a self-contained, ready-to-serve model directory.
 
-The model is rebuilt from the trial's own checkpoint (never retrained) through the
-same build path the trial used (:func:`autotransfer.store.checkpoints.load_trial_backbone`)
-and written in the export format (:mod:`autotransfer.export.format`). One job per
-module: :mod:`~autotransfer.export.choose` (which trial, its labels and test
-metrics), :mod:`~autotransfer.export.programs` (weights, TorchScript, ONNX),
+The model is rebuilt from the trial's own checkpoint through the same build path
+the trial used (:func:`autotransfer.store.checkpoints.load_trial_backbone`), or,
+with a refit (``export.refit``, ``--refit``), trained again on train + validation
+with the trial's parameters and best epoch count (:mod:`autotransfer.tuning.refit`;
+``config.json``'s ``model`` and the card say which), and written in the export
+format (:mod:`autotransfer.export.format`). One job per module:
+:mod:`~autotransfer.export.choose` (which trial, its labels and test metrics),
+:mod:`~autotransfer.export.programs` (weights, TorchScript, ONNX),
 :mod:`~autotransfer.export.verify` (both programs against the model),
 :mod:`~autotransfer.export.config` (``config.json``) and
 :mod:`~autotransfer.export.card` (the model card); this module puts them together.
@@ -31,7 +34,7 @@ import torch
 
 from autotransfer.exceptions import ExportError, StorageError
 from autotransfer.export.card import model_card
-from autotransfer.export.choose import choose_trial, classes_and_test
+from autotransfer.export.choose import choose_trial, classes_and_test, refit_data
 from autotransfer.export.config import build_config
 from autotransfer.export.format import (
     CARD_FILE,
@@ -54,9 +57,10 @@ from autotransfer.export.programs import (
 from autotransfer.export.verify import PARITY_TOLERANCE, verify, verify_text
 from autotransfer.plugins.host import get_plugin_host
 from autotransfer.store.checkpoints import load_trial_backbone
-from autotransfer.store.records import ARTIFACTS_ATTR
+from autotransfer.store.records import ARTIFACTS_ATTR, BEST_EPOCH_ATTR
 from autotransfer.store.storage import artifact_store
 from autotransfer.store.studies import stored_spec
+from autotransfer.tuning.refit import refit_trial
 
 TRACE_TEXTS = ("a short text", "a somewhat longer text to trace the model with")
 
@@ -69,6 +73,7 @@ class ExportResult:
     trial: int
     backbone: str
     config: dict[str, Any]
+    refit: bool = False
 
 
 def check_target(out_dir: Path, force: bool = False) -> None:
@@ -109,6 +114,7 @@ def export_trial(
     *,
     force: bool = False,
     message: Any = None,
+    refit: bool | None = None,
 ) -> ExportResult:
     """Export trial ``trial_number`` (default: the best) of ``study`` to ``out_dir``.
 
@@ -118,11 +124,15 @@ def export_trial(
         trial_number: the trial to export; None for the best trial.
         force: replace a previous export in ``out_dir``.
         message: ``message(str)`` for progress lines (stderr in the CLI).
+        refit: export a model refit on train + validation
+            (:func:`autotransfer.tuning.refit.refit_trial`) instead of the trial's
+            checkpoint; None: the study spec's ``export.refit``.
 
     Raises:
         ExportError: ``out_dir`` cannot be written.
         StorageError: no such trial, or it has no checkpoint.
-        DataError: the study has no stored class names and its data set is gone.
+        DataError: the study has no stored class names and its data set is gone,
+            or a refit was asked for and the data set cannot be read.
         AutotransferError: the exported programs disagree with the model.
     """
     say = message or (lambda _msg: None)
@@ -135,12 +145,29 @@ def export_trial(
         raise StorageError(f"study '{study.study_name}' records no artifact directory")
     store = artifact_store(Path(artifacts))
     host = get_plugin_host()
-    classes, test = classes_and_test(study, trial, spec, host, store, say)
-    say(f"export: trial {trial.number} ({trial.params['backbone']}) from its checkpoint")
-    backbone = load_trial_backbone(
-        trial, host, store, num_classes=len(classes), image_size=spec.data.image_size,
-        listed=spec.search.backbones,
+    refit = spec.export.refit if refit is None else refit
+    data = refit_data(spec) if refit else None
+    classes, test = classes_and_test(
+        study, trial, spec, host, store, say, data[0] if data else None
     )
+    trial_test = None
+    if data is not None:
+        refitted = refit_trial(trial, spec, host, store, data[0], data[1], message=say)
+        backbone, trial_test, test = refitted.backbone, test, refitted.test
+        held = {
+            "kind": "refit", "trained_on": "train+val", "epochs": refitted.epochs,
+            "train_examples": refitted.train_examples,
+            "examples_seen": refitted.examples_seen,
+            "seconds": round(refitted.seconds, 1),
+        }
+    else:
+        say(f"export: trial {trial.number} ({trial.params['backbone']}) from its checkpoint")
+        backbone = load_trial_backbone(
+            trial, host, store, num_classes=len(classes), image_size=spec.data.image_size,
+            listed=spec.search.backbones,
+        )
+        held = {"kind": "trial", "trained_on": "train",
+                "epochs": trial.user_attrs.get(BEST_EPOCH_ATTR)}
     model = backbone.model.eval()
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -149,7 +176,9 @@ def export_trial(
         with torch.no_grad():
             write_weights(model, tmp / WEIGHTS_FILE, backbone.name)
         verification = write_programs(backbone, tmp, spec.data.image_size, say=say)
-        config = build_config(study, trial, spec, backbone, classes, test, verification)
+        config = build_config(
+            study, trial, spec, backbone, classes, test, verification, held, trial_test
+        )
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         (tmp / CARD_FILE).write_text(model_card(config), encoding="utf-8")
         _usual_permissions(tmp)
@@ -158,7 +187,7 @@ def export_trial(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     say(f"export: wrote {out_dir}")
-    return ExportResult(out_dir, trial.number, backbone.name, config)
+    return ExportResult(out_dir, trial.number, backbone.name, config, refit=data is not None)
 
 
 def write_programs(

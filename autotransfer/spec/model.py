@@ -412,6 +412,15 @@ class SamplerSpec(_Model):
     )
 
 
+class ExportSpec(_Model):
+    refit: bool = Field(
+        False,
+        description="export a model refit on train + validation with the chosen trial's "
+        "parameters, seed and best epoch count, instead of the trial's own weights "
+        "(docs/search.md, docs/export.md)",
+    )
+
+
 RetentionKind = Literal["none", "distill", "l2sp", "source"]
 
 
@@ -429,6 +438,7 @@ class StudySpec(_Model):
     pruner: PrunerSpec = PrunerSpec()
     sampler: SamplerSpec = SamplerSpec()
     recovery: RecoverySpec = RecoverySpec()
+    export: ExportSpec = ExportSpec()
     n_trials: int | None = Field(10, ge=1)
     timeout: float | None = Field(None, gt=0)
     seed: int = 0
@@ -478,7 +488,7 @@ class StudySpec(_Model):
 
 _MODELS: tuple[type[BaseModel], ...] = (
     FloatRange, BackboneRef, SplitSpec, AugmentSpec, DataSpec, SearchSpec, TrainSpec,
-    PrunerSpec, SamplerSpec, RecoverySpec, StudySpec,
+    PrunerSpec, SamplerSpec, RecoverySpec, ExportSpec, StudySpec,
 )
 
 

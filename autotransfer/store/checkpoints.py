@@ -63,6 +63,7 @@ def load_trial_backbone(
     num_classes: int,
     image_size: int,
     listed: Sequence[BackboneRef] = (),
+    checkpoint: bool = True,
 ) -> Backbone:
     """Rebuild a finished trial's model and load its best checkpoint.
 
@@ -77,6 +78,12 @@ def load_trial_backbone(
     and hold the configuration (and a text model's tokenizer) the trial used. The
     preprocessing is the one recorded with the trial; for a text model the
     rebuilt tokenizer must be the one the trial recorded (same sha256).
+
+    ``checkpoint=False``: the model as the trial started, to train it again (a
+    refit, :mod:`autotransfer.tuning.refit`): built with the trial's own weights
+    (pretrained ones included) and a fresh head (seed ``torch`` first for the
+    trial's head), the checkpoint not loaded; the preprocessing is still the
+    recorded one.
 
     Raises:
         StorageError: the trial has no checkpoint (it was pruned or failed), or
@@ -94,18 +101,20 @@ def load_trial_backbone(
     family = host.family(ref.family)
     offline_source = ref.weights == "packaged" or Path(ref.weights).expanduser().is_dir()
     build_weights = (
-        "none" if "none" in family.weights_sources and not offline_source else ref.weights
+        "none" if checkpoint and "none" in family.weights_sources and not offline_source
+        else ref.weights
     )
     backbone = host.build(
         ref.model_copy(update={"weights": build_weights}),
         num_classes=num_classes,
         image_size=image_size,
     )
-    with tempfile.TemporaryDirectory(prefix="autotransfer-ckpt-") as tmp:
-        path = Path(tmp) / "checkpoint.safetensors"
-        download_artifact(artifact_store=store, file_path=str(path), artifact_id=artifact_id)
-        state = load_file(str(path))
-    backbone.model.load_state_dict(state, strict=True)
+    if checkpoint:
+        with tempfile.TemporaryDirectory(prefix="autotransfer-ckpt-") as tmp:
+            path = Path(tmp) / "checkpoint.safetensors"
+            download_artifact(artifact_store=store, file_path=str(path), artifact_id=artifact_id)
+            state = load_file(str(path))
+        backbone.model.load_state_dict(state, strict=True)
     pre = trial.user_attrs.get(PREPROCESSING_ATTR)
     if pre and pre.get("kind") == "text":
         backbone.preprocessing = _recorded_text_preprocessing(trial.number, backbone, pre)
