@@ -16,7 +16,7 @@ from autotransfer.engine.trainer import evaluate
 from autotransfer.export.writer import export_trial
 from autotransfer.plugins.host import get_plugin_host
 from autotransfer.store.checkpoints import load_trial_backbone
-from autotransfer.store.records import ARTIFACTS_ATTR, BEST_EPOCH_ATTR
+from autotransfer.store.records import ARTIFACTS_ATTR, BEST_EPOCH_ATTR, SPEC_ATTR
 from autotransfer.store.storage import artifact_store
 from autotransfer.store.studies import spec_changes
 
@@ -81,13 +81,24 @@ def test_default_export_holds_the_trial_weights(tiny: TinyExport) -> None:
     assert f"trial {best.number}'s best checkpoint" in card and "**refit**" not in card
 
 
-def test_cli_refit_flag(tiny: TinyExport, tmp_path: Path) -> None:
+def test_cli_follows_the_spec_and_the_flag_overrides_it(tiny: TinyExport, tmp_path: Path) -> None:
+    """`export.refit: true` in the stored spec makes `autotransfer export` refit;
+    `--no-refit` exports the trial's weights instead."""
     args = ["export", "--storage", tiny.storage, "--study-name", "tiny-export"]
-    refit = runner.invoke(app, [*args, str(tmp_path / "a"), "--refit"])
+    stored = tiny.study.user_attrs[SPEC_ATTR]
+    tiny.study.set_user_attr(SPEC_ATTR, {**stored, "export": {"refit": True}})
+    try:
+        refit = runner.invoke(app, [*args, str(tmp_path / "a")])
+        plain = runner.invoke(app, [*args, str(tmp_path / "b"), "--no-refit"])
+    finally:
+        tiny.study.set_user_attr(SPEC_ATTR, stored)
     assert refit.exit_code == 0, refit.output
     assert "refit on train+val for" in refit.stdout and "test_acc" in refit.stdout
     assert "(trial weights: test_acc" in refit.stdout
     assert json.loads((tmp_path / "a" / "config.json").read_text())["model"]["kind"] == "refit"
+    assert plain.exit_code == 0, plain.output
+    assert "trial weights)" in plain.stdout and "refit on" not in plain.stdout
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["model"]["kind"] == "trial"
 
 
 def test_export_refit_may_change_on_resume(tiny: TinyExport) -> None:

@@ -227,3 +227,17 @@ def test_wrong_modality_is_one_line_exit_2(text_export: TextExport, image_export
         model.predict([png])
     with pytest.raises(DataError, match="not a text"):
         model.predict(["fine", "  "])
+
+
+def test_text_refit_export(text_export: TextExport, tmp_path: Path) -> None:
+    """A refit of the text trial (distill retention) trains on train + val and exports."""
+    from autotransfer.export.writer import export_trial
+
+    result = export_trial(text_export.study, tmp_path / "refit", refit=True)
+    c = result.config
+    assert c["model"]["kind"] == "refit" and c["model"]["trained_on"] == "train+val"
+    assert c["model"]["train_examples"] == 3 * (6 + 3)  # 12 texts per class, 50 % + 25 %
+    assert c["model"]["examples_seen"] == c["model"]["epochs"] * c["model"]["train_examples"]
+    assert c["metrics"]["test"]["n"] == 3 * 3 and "trial_test" in c["metrics"]
+    assert c["verification"]["onnx_max_abs_diff"] <= 1e-3
+    assert "(27 texts)" in (result.path / "README.md").read_text()
