@@ -377,12 +377,13 @@ def test_optuna_failed_trial_warning_only_with_debug(debug: bool) -> None:
     import optuna
 
     from autotransfer.engine.trainer import TrialError
-    from autotransfer.tuning.progress import OPTUNA_TRIAL_LOGGER, Progress, quiet_failed_trials
+    from autotransfer.store.optuna_internals import OPTIMIZE_LOGGER
+    from autotransfer.tuning.progress import Progress, quiet_failed_trials
 
     seen: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = seen.append  # type: ignore[method-assign]
-    logger = logging.getLogger(OPTUNA_TRIAL_LOGGER)
+    logger = logging.getLogger(OPTIMIZE_LOGGER)
     logger.addHandler(handler)
 
     def objective(trial: optuna.Trial) -> float:

@@ -242,7 +242,8 @@ def test_ctrl_c_while_the_backbone_builds_still_queues_the_trial_again(
     stopped, queued = study.trials
     assert stopped.state == optuna.trial.TrialState.FAIL
     assert stopped.user_attrs["interrupted"] == "SIGINT"
-    assert queued.state == optuna.trial.TrialState.WAITING and queued.params == PARAMS
+    assert queued.state == optuna.trial.TrialState.WAITING and queued.params == stopped.params
+    assert PARAMS.items() <= queued.params.items()  # plus the sampled retention kind
 
 
 # ------------------------------------------------------------------ hang watchdog

@@ -13,16 +13,14 @@ at once (the heartbeat recovery then takes care of the trial).
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
-import re
 import signal
 import sys
 import threading
 from collections.abc import Iterator
 from types import FrameType
 
-from autotransfer.store.optuna_internals import OPTIMIZE_LOGGER
+from autotransfer.tuning.trial_log import dropping_failed_trial_warnings
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -39,25 +37,6 @@ class Interrupted(KeyboardInterrupt):
 def signal_name(exc: BaseException) -> str:
     """The signal behind a ``KeyboardInterrupt`` (a plain one is Ctrl-C)."""
     return getattr(exc, "signame", "SIGINT")
-
-
-class _QuietInterruptedTrial(logging.Filter):
-    """Drops Optuna's "Trial N failed ... KeyboardInterrupt" warning (with its
-    traceback) and the "Trial N failed with value None" line after it: the
-    progress line and the exit message already say what happened."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.numbers: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        number = re.match(r"Trial (\d+) failed", record.getMessage())
-        if number is None:
-            return True
-        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
-            self.numbers.add(number.group(1))
-            return False
-        return number.group(1) not in self.numbers
 
 
 @contextlib.contextmanager
@@ -81,12 +60,12 @@ def handle_signals() -> Iterator[None]:
         received.append(signum)
         raise Interrupted(signum)
 
-    quiet, logger = _QuietInterruptedTrial(), logging.getLogger(OPTIMIZE_LOGGER)
+    # Optuna's "Trial N failed ... KeyboardInterrupt" warning (with its traceback)
+    # is dropped: the progress line and the exit message already say what happened.
     previous = {s: signal.signal(s, handler) for s in SIGNALS}
-    logger.addFilter(quiet)
     try:
-        yield
+        with dropping_failed_trial_warnings(KeyboardInterrupt):
+            yield
     finally:
-        logger.removeFilter(quiet)
         for s, old in previous.items():
             signal.signal(s, old)

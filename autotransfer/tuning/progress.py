@@ -8,8 +8,6 @@ failed" warning, with the traceback, is shown only with ``debug``
 from __future__ import annotations
 
 import contextlib
-import logging
-import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,10 +16,8 @@ from rich.markup import escape
 
 from autotransfer.engine.trainer import EpochResult, TrialParams
 from autotransfer.exceptions import AutotransferError
-from autotransfer.store.optuna_internals import OPTIMIZE_LOGGER
 from autotransfer.store.summary import device_label
-
-OPTUNA_TRIAL_LOGGER = OPTIMIZE_LOGGER  # where Optuna logs "Trial N failed"
+from autotransfer.tuning.trial_log import dropping_failed_trial_warnings
 
 
 class Progress:
@@ -70,26 +66,6 @@ class Progress:
         self.console.print(f"  trial {number} [{color}]{state.lower()}[/]: {detail}")
 
 
-class _QuietFailedTrial(logging.Filter):
-    """Drops Optuna's "Trial N failed with parameters ... because of ..." warning
-    (with its traceback) and the "Trial N failed with value None." line after it
-    when the error is ours (:class:`AutotransferError`: the trial's own progress
-    line, or the command's error line, already says what happened)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.numbers: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        number = re.match(r"Trial (\d+) failed", record.getMessage())
-        if number is None:
-            return True
-        if record.exc_info and isinstance(record.exc_info[1], AutotransferError):
-            self.numbers.add(number.group(1))
-            return False
-        return number.group(1) not in self.numbers
-
-
 @contextlib.contextmanager
 def quiet_failed_trials(progress: Progress) -> Iterator[None]:
     """In the block, a failed trial prints only its progress line, unless
@@ -97,9 +73,7 @@ def quiet_failed_trials(progress: Progress) -> Iterator[None]:
     if progress.debug:
         yield
         return
-    quiet, logger = _QuietFailedTrial(), logging.getLogger(OPTUNA_TRIAL_LOGGER)
-    logger.addFilter(quiet)
-    try:
+    # Our errors: the trial's own progress line, or the command's error line,
+    # already says what happened.
+    with dropping_failed_trial_warnings(AutotransferError):
         yield
-    finally:
-        logger.removeFilter(quiet)
