@@ -74,7 +74,7 @@ def binomial_se(p: float, n: int) -> float:
 
 
 def run(arm: str, n_trials: int, data: str | None, image_size: int | None) -> dict:
-    overrides: dict[str, object] = {"n_trials": n_trials, "timeout": None}
+    overrides: dict[str, object] = {"n_trials": n_trials}
     if arm == "off":
         overrides["train.feature_cache"] = False
     elif arm == "on":
@@ -89,7 +89,8 @@ def run(arm: str, n_trials: int, data: str | None, image_size: int | None) -> di
         overrides["name"] = f"cache-bench-{Path(data).name}"
     if image_size:
         overrides["data.image_size"] = image_size
-    spec = load_spec(overrides=overrides)
+    # No time limit (an override of None is ignored by load_spec: set it after).
+    spec = load_spec(overrides=overrides).model_copy(update={"timeout": None})
     with tempfile.TemporaryDirectory() as tmp, LoadSampler() as load:
         start = time.perf_counter()
         outcome = run_search(spec, f"sqlite:///{tmp}/study.db", Path(tmp) / "artifacts",
