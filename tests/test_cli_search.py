@@ -71,6 +71,8 @@ def test_search_runs_a_whole_study(cli_study) -> None:
     assert "study 'cli-tiny': 0 trial(s) stored" in err and "trial 0 epoch 1/2" in err
     assert "Warning" not in err and "Traceback" not in err
     assert (root / "autotransfer-artifacts").is_dir()  # checkpoints beside the SQLite file
+    # The images, decoded once into a file there that the trials read (mapped).
+    assert len(list((root / "autotransfer-artifacts" / "decoded").glob("images-32px-*/"))) == 1
 
 
 def test_values_are_best_epochs_and_checkpoints_reload(cli_study, plugin_host) -> None:

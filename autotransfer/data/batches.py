@@ -48,7 +48,7 @@ def make_batch(
         return batch if device is None else {k: to_device(v, device) for k, v in batch.items()}
     if isinstance(pre, TextPreprocessing):
         raise TypeError(f"{backbone.name} is a text backbone; it cannot read images")
-    images = data.images[idx]
+    images = data.take(idx)
     x = normalise(images if device is None else to_device(images, device), pre)
     if augment_spec is not None and (generator is not None or draws is not None):
         x = augment(x, augment_spec, generator, draws)

@@ -2,7 +2,11 @@
 
 Images are kept as one uint8 tensor (N, 3, S, S) at the spec's image size, so
 every trial of a worker reuses the decoded data; normalisation and augmentation
-happen per batch on tensors (:mod:`autotransfer.data.augment`).
+happen per batch on tensors (:mod:`autotransfer.data.augment`). Given a
+directory for it (the study's artifacts), the tensor is a memory-mapped file
+decoded once per machine and shared by every worker
+(:mod:`autotransfer.data.decoded`); the train/val/test parts are row indices
+into it, never copies, and a batch reads only its own rows.
 
 Texts come from a CSV or JSONL file (a text and a label column) and are kept as
 strings; each tokenizer encodes them once per worker (:meth:`TextSet.encoded`)
@@ -37,23 +41,55 @@ BUILTIN_SETS = ("sklearn:digits",)
 MAX_CORRUPT_FRACTION = 0.1
 
 
-@dataclass
 class ImageSet:
-    """Images (uint8, N×3×S×S), integer labels and the class names."""
+    """Images (uint8, N×3×S×S), integer labels and the class names.
 
-    images: torch.Tensor
-    labels: torch.Tensor
-    classes: list[str]
-
-    def __len__(self) -> int:
-        return int(self.labels.numel())
+    Args:
+        images: the decoded images (held in memory or mapped from a file).
+        labels: one label per image of the set.
+        classes: the class names, in label order.
+        rows: the rows of ``images`` that make up this set (a subset); None:
+            all of them. A subset shares ``images`` with the set it came from.
+    """
 
     modality = "image"
     noun = "image"
 
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        classes: list[str],
+        rows: torch.Tensor | None = None,
+    ) -> None:
+        self.store = images
+        self.labels = labels
+        self.classes = classes
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+    def __repr__(self) -> str:
+        shape = (len(self), *self.store.shape[1:])
+        return f"ImageSet({shape}, {len(self.classes)} classes)"
+
+    @property
+    def images(self) -> torch.Tensor:
+        """This set's images (N, 3, S, S); a subset's are gathered into a new
+        tensor, so trainers read batches with :meth:`take` instead."""
+        return self.store if self.rows is None else self.store[self.rows]
+
+    def take(self, idx: torch.Tensor | slice) -> torch.Tensor:
+        """The images of this set's rows ``idx`` (a batch), read from the store."""
+        if self.rows is None:
+            return self.store[idx]
+        return self.store[self.rows[idx]]
+
     def subset(self, index: np.ndarray) -> ImageSet:
         idx = torch.as_tensor(index, dtype=torch.long)
-        return ImageSet(self.images[idx], self.labels[idx], self.classes)
+        rows = idx if self.rows is None else self.rows[idx]
+        return ImageSet(self.store, self.labels[idx], self.classes, rows)
 
 
 @dataclass
@@ -121,8 +157,12 @@ class Splits:
         return self.train.modality
 
 
-def load_dataset(spec: DataSpec) -> Dataset:
+def load_dataset(spec: DataSpec, decoded_dir: Path | None = None) -> Dataset:
     """Load the data set named by ``spec.path`` (images at ``spec.image_size``).
+
+    ``decoded_dir``: keep the decoded images in a memory-mapped file there,
+    decoded once and shared by every process that loads the same data
+    (:mod:`autotransfer.data.decoded`); None: decode into this process's memory.
 
     Raises:
         DataError: missing or empty folder, fewer than two classes, files that are
@@ -132,13 +172,19 @@ def load_dataset(spec: DataSpec) -> Dataset:
     if spec.modality == "text":
         return load_text_file(Path(spec.path), spec.text_column, spec.label_column)
     if spec.path == "sklearn:digits":
-        return _digits(spec.image_size)
+        if decoded_dir is None:
+            return _digits(spec.image_size)
+        return _shared_digits(decoded_dir, spec.image_size)
     if ":" in spec.path and not Path(spec.path).exists():
         raise DataError(
             f"unknown data set '{spec.path}'; give an image folder or one of: "
             + ", ".join(BUILTIN_SETS)
         )
-    return _image_folder(Path(spec.path), spec.image_size)
+    root = Path(spec.path)
+    files, classes = scan_image_folder(root)
+    if decoded_dir is None:
+        return _decode(root, files, classes, spec.image_size)
+    return _shared_folder(decoded_dir, root, files, classes, spec.image_size)
 
 
 def _digits(size: int) -> ImageSet:
@@ -153,7 +199,14 @@ def _digits(size: int) -> ImageSet:
     return ImageSet(images, labels, [str(c) for c in digits.target_names])
 
 
-def _image_folder(root: Path, size: int) -> ImageSet:
+def scan_image_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
+    """The image files of a folder of class sub-folders, each with its label,
+    and the class names (sorted sub-folder names).
+
+    Raises:
+        DataError: missing or empty folder, fewer than two classes, files that
+            are not images, a class with no images.
+    """
     if not root.exists():
         raise DataError(
             f"data folder '{root}' does not exist; give an image folder (one sub-folder per class)"
@@ -196,7 +249,7 @@ def _image_folder(root: Path, size: int) -> ImageSet:
             f"class folder(s) with no images in '{root}': {', '.join(empty)}; "
             f"add images ({' '.join(IMAGE_EXTENSIONS)}) or remove the folder"
         )
-    return _decode(root, files, [d.name for d in class_dirs], size)
+    return files, [d.name for d in class_dirs]
 
 
 def square_resize(image: PIL.Image.Image, size: int) -> np.ndarray:
@@ -214,13 +267,21 @@ def square_resize(image: PIL.Image.Image, size: int) -> np.ndarray:
     return np.asarray(im, dtype=np.uint8)
 
 
-def _decode(root: Path, files: list[tuple[Path, int]], classes: list[str], size: int) -> ImageSet:
+def decode_into(
+    out: np.ndarray, root: Path, files: list[tuple[Path, int]], size: int
+) -> tuple[list[int], list[Path]]:
+    """Decode ``files`` at ``size`` into the first rows of ``out`` (uint8,
+    (len(files), 3, size, size): in memory or a mapped file), readable images
+    only, in order. Returns the labels of the rows written and the unreadable
+    files (each logged).
+
+    Raises:
+        DataError: more than :data:`MAX_CORRUPT_FRACTION` of the files cannot be read.
+    """
     from PIL import Image, UnidentifiedImageError
 
-    images = torch.empty((len(files), 3, size, size), dtype=torch.uint8)
     labels: list[int] = []
     bad: list[Path] = []
-    n = 0
     for path, label in files:
         try:
             with Image.open(path) as im:
@@ -228,18 +289,58 @@ def _decode(root: Path, files: list[tuple[Path, int]], classes: list[str], size:
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
             bad.append(path)
             continue
-        images[n] = torch.from_numpy(arr.copy()).permute(2, 0, 1)
+        out[len(labels)] = arr.transpose(2, 0, 1)
         labels.append(label)
-        n += 1
-    if bad:
-        if len(bad) > MAX_CORRUPT_FRACTION * len(files):
-            raise DataError(
-                f"{len(bad)} of {len(files)} images in '{root}' cannot be read "
-                f"(e.g. {bad[0].relative_to(root)}); fix or remove them"
-            )
-        for p in bad:
-            log.warning("skipped unreadable image %s", p)
-    return ImageSet(images[:n].clone(), torch.tensor(labels, dtype=torch.long), classes)
+    if len(bad) > MAX_CORRUPT_FRACTION * len(files):
+        raise DataError(
+            f"{len(bad)} of {len(files)} images in '{root}' cannot be read "
+            f"(e.g. {bad[0].relative_to(root)}); fix or remove them"
+        )
+    for p in bad:
+        log.warning("skipped unreadable image %s", p)
+    return labels, bad
+
+
+def _decode(root: Path, files: list[tuple[Path, int]], classes: list[str], size: int) -> ImageSet:
+    images = np.empty((len(files), 3, size, size), dtype=np.uint8)
+    labels, _ = decode_into(images, root, files, size)
+    return ImageSet(torch.from_numpy(images[: len(labels)].copy()),
+                    torch.tensor(labels, dtype=torch.long), classes)
+
+
+def _shared_folder(
+    directory: Path, root: Path, files: list[tuple[Path, int]], classes: list[str], size: int
+) -> ImageSet:
+    """The images of ``files`` at ``size`` from their shared entry in ``directory``
+    (:mod:`autotransfer.data.decoded`), decoded into it first if there is none."""
+    from autotransfer.data.decoded import folder_key, shared_images
+
+    def fill(out: np.ndarray) -> tuple[list[int], list[str], list[str]]:
+        labels, bad = decode_into(out, root, files, size)
+        return labels, classes, [p.relative_to(root).as_posix() for p in bad]
+
+    key = folder_key(root, files, classes, size)
+    d = shared_images(directory, root.name, str(root.resolve()), key, len(files), size, fill)
+    if not d.meta["decoded_here"]:  # decoding logged them
+        for rel in d.meta.get("skipped", []):
+            log.warning("skipped unreadable image %s", root / rel)
+    return ImageSet(d.images, d.labels, d.classes)
+
+
+def _shared_digits(directory: Path, size: int) -> ImageSet:
+    """scikit-learn's digits at ``size`` from their shared entry in ``directory``."""
+    import sklearn
+
+    from autotransfer.data.decoded import builtin_key, shared_images
+
+    def fill(out: np.ndarray) -> tuple[list[int], list[str], list[str]]:
+        digits = _digits(size)
+        out[: len(digits)] = digits.images.numpy()
+        return digits.labels.tolist(), digits.classes, []
+
+    key = builtin_key("sklearn:digits", sklearn.__version__, size)
+    d = shared_images(directory, "sklearn-digits", "sklearn:digits", key, 1797, size, fill)
+    return ImageSet(d.images, d.labels, d.classes)
 
 
 def load_text_file(path: Path, text_column: str = "text", label_column: str = "label") -> TextSet:
@@ -423,17 +524,18 @@ def stratified_split(
     return Splits(**split_off, **given)
 
 
-def load_splits(spec: DataSpec) -> Splits:
-    """Load ``spec.path`` and any given ``val``/``test`` set, and split the rest.
+def load_splits(spec: DataSpec, decoded_dir: Path | None = None) -> Splits:
+    """Load ``spec.path`` and any given ``val``/``test`` set, and split the rest
+    (``decoded_dir``: see :func:`load_dataset`).
 
     Raises:
         DataError: bad data (see :func:`load_dataset`), a given set whose classes
             differ from ``spec.path``'s, or a class too small for the split.
     """
-    data = load_dataset(spec)
+    data = load_dataset(spec, decoded_dir)
     given = {
         part: _matched(load_dataset(spec.model_copy(update={"path": path, "val": None,
-                                                             "test": None})),
+                                                             "test": None}), decoded_dir),
                        data, part, path, spec.path)
         for part, path in spec.given.items()
     }

@@ -106,7 +106,7 @@ class SourceTask(Retention):
             order = torch.randperm(len(self.source), generator=self.generator)
             for i in range(0, len(order), self.batch_size):
                 idx = order[i : i + self.batch_size]
-                yield self.source.images[idx], self.source.labels[idx]
+                yield self.source.take(idx), self.source.labels[idx]
 
     def loss(self, x: Batch, features: torch.Tensor, point: int = 0) -> torch.Tensor:
         images, labels = next(self._batches)

@@ -18,6 +18,7 @@ import torch
 from optuna.trial import TrialState
 
 from autotransfer.data.datasets import Dataset, Splits, load_dataset, load_splits
+from autotransfer.data.decoded import decoded_dir
 from autotransfer.engine.device import WorkerDevice
 from autotransfer.engine.trainer import TrialError, evaluate
 from autotransfer.exceptions import AutotransferError, BackboneError, NoSuccessfulTrialsError
@@ -46,11 +47,16 @@ class SearchOutcome:
     dead_workers: list[str] = dataclasses.field(default_factory=list)
 
 
-def prepare_data(spec: StudySpec) -> tuple[Splits, Dataset | None]:
+def prepare_data(
+    spec: StudySpec, artifacts: Path | None = None
+) -> tuple[Splits, Dataset | None]:
     """Load and split the target set, with any given validation and test sets
-    (and load the source set, if any)."""
-    splits = load_splits(spec.data)
-    source = load_dataset(spec.source) if spec.source is not None else None
+    (and load the source set, if any). With the study's ``artifacts`` directory,
+    images are decoded once per machine into a file there that every worker
+    maps (:mod:`autotransfer.data.decoded`)."""
+    shared = decoded_dir(artifacts) if artifacts is not None else None
+    splits = load_splits(spec.data, shared)
+    source = load_dataset(spec.source, shared) if spec.source is not None else None
     return splits, source
 
 
@@ -99,8 +105,9 @@ class WorkerInputs:
     device: WorkerDevice
 
 
-def load_worker_inputs(spec: StudySpec) -> WorkerInputs:
-    """Resolve the device, set the thread count, load and split the data, build
+def load_worker_inputs(spec: StudySpec, artifacts: Path | None = None) -> WorkerInputs:
+    """Resolve the device, set the thread count, load and split the data
+    (decoded images shared through ``artifacts``, :func:`prepare_data`), build
     every candidate once.
 
     Raises:
@@ -109,7 +116,7 @@ def load_worker_inputs(spec: StudySpec) -> WorkerInputs:
     """
     device = WorkerDevice(spec.train)
     torch.set_num_threads(spec.train.threads or os.cpu_count() or 1)
-    splits, source = prepare_data(spec)
+    splits, source = prepare_data(spec, artifacts)
     host = get_plugin_host()
     preflight(spec, host, len(splits.classes))
     return WorkerInputs(splits, source, host, device)
@@ -194,7 +201,7 @@ def run_search(
     storage = open_storage(storage_url)  # fail on a bad URL before loading anything heavy
     resumed = spec.name in {s.study_name for s in storage.get_all_studies()}
     artifacts = artifacts or default_artifacts_dir(storage_url)
-    inputs = load_worker_inputs(spec)
+    inputs = load_worker_inputs(spec, artifacts)
     splits = inputs.splits
     study = create_or_resume(spec, storage_url, artifacts)
     # A resumed run draws on from where it was, not the same random start-up draws.

@@ -147,7 +147,7 @@ def run_worker(
             trials, storage_url, spec, path, progress, plan, data=data, n_trials=n_trials
         )
         return WorkerOutcome(study, len(study.trials) - before, dead)
-    inputs = load_worker_inputs(spec)
+    inputs = load_worker_inputs(spec, path)
     stored_classes = study.user_attrs.get(CLASSES_ATTR)
     if stored_classes is not None and list(stored_classes) != list(inputs.splits.classes):
         raise DataError(
