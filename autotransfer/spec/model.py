@@ -328,7 +328,8 @@ class TrainSpec(_Model):
     feature_cache_views: int = Field(
         1, ge=1, le=1000,
         description="augmented views of the training images whose frozen features are "
-        "cached; epoch e trains on view (e - 1) mod views",
+        "cached; epoch e trains on view (e - 1) mod views (1: fastest; the number of "
+        "epochs: the uncached inputs exactly, at the uncached cost; docs/spec.md)",
     )
 
     @field_validator("feature_cache")
