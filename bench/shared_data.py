@@ -79,7 +79,7 @@ def main() -> None:
          "from autotransfer.store.studies import create_or_resume;"
          "create_or_resume(load_spec(sys.argv[1]), sys.argv[2], Path(sys.argv[3]))",
          str(work / "spec.yaml"), storage, str(artifacts)],
-        check=True, env=env,
+        check=True, env=env, cwd=work,
     )
     load = [os.getloadavg()[0]]
     cmd = [sys.executable, "-m", "autotransfer", "worker", "--storage", storage,
@@ -97,8 +97,9 @@ def main() -> None:
     for i in range(args.workers):
         log = work / f"worker{i}.log"
         logs.append(log)
+        # cwd: ``python -m`` puts it first on sys.path, before PYTHONPATH (--code)
         procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
-                                      stderr=log.open("w"), env=env))
+                                      stderr=log.open("w"), env=env, cwd=work))
         while args.stagger and i not in started_trial:
             poll()
             assert procs[-1].poll() is None, log.read_text()

@@ -149,7 +149,10 @@ def test_two_simulated_gpus_share_the_budget_and_a_killed_worker_is_reported(
 
 
 def test_ctrl_c_stops_every_worker(write_spec, storage_url: str, tmp_path: Path) -> None:
-    spec = write_spec(n_trials=4, train__epochs=3, train__threads=1)
+    # Epochs of the tiny set take 0.1-0.3 s: with 3 a trial could finish between the
+    # poll that saw it running and the signal (seen once workers mapped the decoded
+    # data instead of decoding it, and so started their trials sooner).
+    spec = write_spec(n_trials=4, train__epochs=30, train__threads=1)
     proc = _search(spec, storage_url, tmp_path)
     running = _wait(proc, storage_url, lambda trials: _running(trials, 2))
     pids = [t.user_attrs["worker"]["pid"] for t in running]
