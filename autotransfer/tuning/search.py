@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -201,7 +202,13 @@ def run_search(
     storage = open_storage(storage_url)  # fail on a bad URL before loading anything heavy
     resumed = spec.name in {s.study_name for s in storage.get_all_studies()}
     artifacts = artifacts or default_artifacts_dir(storage_url)
-    inputs = load_worker_inputs(spec, artifacts)
+    new_artifacts = not artifacts.exists()
+    try:
+        inputs = load_worker_inputs(spec, artifacts)  # may write the decoded data there
+    except AutotransferError:
+        if new_artifacts:  # bad input leaves nothing behind
+            shutil.rmtree(artifacts, ignore_errors=True)
+        raise
     splits = inputs.splits
     study = create_or_resume(spec, storage_url, artifacts)
     # A resumed run draws on from where it was, not the same random start-up draws.
