@@ -73,7 +73,8 @@ def test_fixed_arms_pin_the_space_and_random_sets_the_sampler(tmp_path: Path) ->
                                       "lr": 1e-3, "alpha": 0.0}
     assert finetune["n_trials"] == 1
     assert quality.make_spec("probe", "n", *args)["search"]["freeze"] == 1.0
-    assert quality.make_spec("random", "n", *args)["sampler"] == {"type": "random"}
+    random_sampler = quality.make_spec("random", "n", *args)["sampler"]
+    assert random_sampler == {"type": "random", "portfolio": False}
     search = quality.make_spec("search", "n", *args)
     assert "sampler" not in search and "pruner" not in search and search["n_trials"] == 10
 
