@@ -11,6 +11,10 @@ into it, never copies, and a batch reads only its own rows.
 Texts come from a CSV or JSONL file (a text and a label column) and are kept as
 strings; each tokenizer encodes them once per worker (:meth:`TextSet.encoded`)
 and batches are padded to their longest text (:mod:`autotransfer.data.batches`).
+
+Long because it holds every reader (image folders, sklearn digits, CSV and
+JSONL texts, given validation and test sets) and the split, which share one
+set of checks and messages.
 """
 
 from __future__ import annotations

@@ -3,6 +3,10 @@
 :class:`Trainer` yields an :class:`EpochResult` after every epoch so the caller
 (the Optuna objective) can report it and decide to prune. The trainer keeps the
 weights of its best epoch (by validation accuracy), not its last.
+
+Long because one :class:`Trainer` owns the mutable state that the epoch loop,
+evaluation, the feature cache, OOM micro-batching and the epoch-state resume
+all share; ``evaluate``/``Metrics`` are the next piece to move to their own module.
 """
 
 from __future__ import annotations

@@ -15,6 +15,9 @@ of value is *quarantined*: unregistered, listed by ``autotransfer plugins`` with
 the hook and a one-line reason, and its families (where known) answer with
 :class:`~autotransfer.exceptions.BrokenPluginError` (exit code 2) naming the
 plugin and the fix. The other plugins keep working.
+
+Long because every value a hook returns is checked here, where it enters the
+host, beside the loading that the checks guard.
 """
 
 from __future__ import annotations

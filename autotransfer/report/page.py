@@ -6,6 +6,9 @@ confusion matrix, the optimisation history, parameter importances,
 validation accuracy per backbone, the learning curves (where pruning stopped a
 trial), parallel coordinates over the searched parameters and the trials table.
 plotly.js is embedded once, inline, so the page needs no network.
+
+Long because the page is one self-contained offline document, assembled here
+from its sections.
 """
 
 from __future__ import annotations

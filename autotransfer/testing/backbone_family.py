@@ -38,6 +38,9 @@ embeddings).
 The ``check_*`` functions are the same checks as plain functions, for use
 outside pytest: each returns None or raises ``AssertionError`` with the message;
 ``check_all(case)`` runs them all in order and stops at the first failure.
+
+Long because it ships as one pytest module that plugin authors import with
+``*``: every check lives in this file.
 """
 
 from __future__ import annotations
