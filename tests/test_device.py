@@ -256,3 +256,61 @@ def test_predict_device_resolution() -> None:
         assert resolve_predict_device("auto", "torchscript") == "cpu"
         with pytest.raises(UserInputError, match="torch sees no CUDA GPU here"):
             resolve_predict_device("cuda:0", "torchscript")
+
+
+def _nan_at(step_losses_device: str, bad: int, steps: int = 40) -> str:
+    from autotransfer.engine.trainer import StepLosses, TrialError
+
+    def check(means: list[float], start: int) -> None:
+        for step, mean in enumerate(means, start):
+            if mean != mean:
+                raise TrialError("non_finite", f"loss became nan at step {step}")
+
+    losses = StepLosses(torch.device(step_losses_device), check)
+    with pytest.raises(TrialError) as caught:
+        for step in range(steps):
+            value = float("nan") if step == bad else 2.0
+            losses.add(torch.tensor(value * 4, device=step_losses_device), 4)
+        losses.finish()
+    return str(caught.value)
+
+
+def test_step_losses_name_the_exact_step_and_average_per_example() -> None:
+    from autotransfer.engine.trainer import StepLosses
+
+    assert _nan_at("cpu", 3, steps=40) == "loss became nan at step 3"
+    seen: list[tuple[int, list[float]]] = []
+    losses = StepLosses(torch.device("cpu"), lambda means, start: seen.append((start, means)))
+    losses.add(torch.tensor(6.0), 3)
+    losses.add(torch.tensor(2.0), 1)
+    assert losses.finish() == 2.0 and seen == [(0, [2.0]), (1, [2.0])]
+
+
+@pytest.mark.gpu
+def test_step_losses_on_a_gpu_are_checked_without_waiting_and_name_the_step() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    assert _nan_at("cuda", 21) == "loss became nan at step 21"  # in a non-blocking group
+    assert _nan_at("cuda", 39) == "loss became nan at step 39"  # at the epoch's sync
+
+
+@pytest.mark.gpu
+def test_the_feature_cache_keeps_a_frozen_prefix_on_the_gpu(
+    plugin_host, tiny_spec, tiny_splits
+) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from autotransfer.engine.feature_cache import FeatureCache
+
+    spec = tiny_spec(**{"train.epochs": 2})
+    device = WorkerDevice(spec.train)
+    splits = type(tiny_splits)(*(device.data(d) for d in
+                                 (tiny_splits.train, tiny_splits.val, tiny_splits.test)))
+    backbone = plugin_host.build(spec.search.backbones[0], num_classes=3, image_size=32)
+    cache = FeatureCache(1.0)
+    trainer = Trainer(backbone, splits, dataclasses.replace(PARAMS, freeze=0.75), spec,
+                      spec.seed, cache=cache, placement=device.placement(backbone))
+    results = list(trainer.epochs())
+    assert trainer.point > 0 and trainer.features_cached and cache.hits >= 2
+    assert all(t.device.type == "cuda" for t in cache._entries.values())
+    assert all(r.val.loss == r.val.loss for r in results)

@@ -163,5 +163,6 @@ def test_ctrl_c_stops_every_worker(write_spec, storage_url: str, tmp_path: Path)
     assert not any(_alive(p) for p in pids)
     trials = _trials(storage_url, open_storage(storage_url))
     stopped = [t for t in trials if t.number in {r.number for r in running}]
-    assert all(t.user_attrs.get("fail_reason") == "interrupted" for t in stopped)
+    assert all(t.user_attrs.get("fail_reason") == "interrupted" for t in stopped), [
+        (t.number, t.state.name, t.user_attrs.get("fail_reason")) for t in stopped]
     assert sum(t.state == optuna.trial.TrialState.WAITING for t in trials) == 2  # to resume

@@ -49,7 +49,10 @@ def make_batch(
     if isinstance(pre, TextPreprocessing):
         raise TypeError(f"{backbone.name} is a text backbone; it cannot read images")
     images = data.take(idx)
-    x = normalise(images if device is None else to_device(images, device), pre)
+    if device is not None:
+        images = to_device(images, device)
+        draws = None if draws is None else to_device(draws, device)
+    x = normalise(images, pre)
     if augment_spec is not None and (generator is not None or draws is not None):
         x = augment(x, augment_spec, generator, draws)
     return x

@@ -22,6 +22,11 @@ Resolution (:func:`resolve_device`, :func:`resolve_precision`,
 - ``train.compile``: off unless set (no benchmark here shows it pays for
   itself within a trial).
 
+A worker on a GPU also turns on cuDNN autotuning (``cudnn.benchmark``) and TF32
+for whatever runs in fp32, as the plain reference loop does. With fp16 the
+gradient scaler reads its inf check on the host each step (PyTorch's
+``GradScaler.step``); bf16 and fp32 steps never wait for the GPU.
+
 Test-only: the environment variable :data:`SIMULATED_GPUS_ENV` makes
 :func:`detect` report that many GPUs (``CUDA_VISIBLE_DEVICES`` narrows them as
 on a real machine) while every tensor stays on the CPU, so the multi-GPU worker
@@ -260,6 +265,12 @@ class WorkerDevice:
         # Simulated GPUs are named like real ones but compute on the CPU.
         on_cuda = self.name.startswith("cuda") and not self.machine.simulated
         self.torch_device = torch.device(self.name if on_cuda else "cpu")
+        if on_cuda:
+            # Fixed shapes within a trial: let cuDNN pick its fastest convolutions
+            # (as the reference loop does); TF32 for whatever runs in fp32.
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         self._data: dict[int, tuple[Dataset, Dataset]] = {}
 
     @classmethod

@@ -103,7 +103,11 @@ class SourceTask(Retention):
 
     def _cycle(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
-            order = torch.randperm(len(self.source), generator=self.generator)
+            # Gathered where the source set is (a host index into device tensors
+            # is a copy the host waits for).
+            order = torch.randperm(len(self.source), generator=self.generator).to(
+                self.source.labels.device
+            )
             for i in range(0, len(order), self.batch_size):
                 idx = order[i : i + self.batch_size]
                 yield self.source.take(idx), self.source.labels[idx]

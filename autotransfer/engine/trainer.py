@@ -72,6 +72,67 @@ def free_memory() -> None:
 DIVERGENCE_FACTOR = 1000.0
 """A batch loss this many times the first one's fails the trial (``diverged``)."""
 
+CHECK_EVERY = 16
+"""On a GPU, the steps whose losses one non-blocking look by the host covers."""
+
+
+class StepLosses:
+    """One epoch's per-step summed losses, kept on the device; ``check(values,
+    start)`` looks at the mean losses of steps ``start, start + 1, ...`` in step
+    order and raises to fail the trial.
+
+    On a GPU the host never waits for them inside the epoch: every
+    :data:`CHECK_EVERY` steps a non-blocking copy of the new ones to pinned
+    memory is started and checked once it has arrived (an event query, no
+    wait), so a non-finite or diverged loss fails the trial a few steps late,
+    still named by its exact step. :meth:`finish` reads them all: the epoch's
+    one host sync. On the CPU there is no queue to stall: each step is checked
+    as it ends."""
+
+    def __init__(self, device: torch.device, check: Callable[[list[float], int], None]) -> None:
+        self.device = device
+        self.check = check
+        self.losses: list[torch.Tensor] = []
+        self.sizes: list[int] = []
+        self.checked = 0  # steps looked at
+        self._pending: tuple[int, torch.Tensor, Any] | None = None  # end, host copy, event
+
+    def add(self, loss_sum: torch.Tensor, size: int) -> None:
+        self.losses.append(loss_sum)
+        self.sizes.append(size)
+        if self.device.type != "cuda":
+            self._check(self.checked, [float(loss_sum)])
+            return
+        self._poll()
+        if self._pending is None and len(self.losses) - self.checked >= CHECK_EVERY:
+            new = torch.stack(self.losses[self.checked :])
+            host = torch.empty(new.shape, dtype=new.dtype, pin_memory=True)
+            host.copy_(new, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending = (len(self.losses), host, event)
+
+    def _poll(self) -> None:
+        if self._pending is not None and self._pending[2].query():
+            end, host, _ = self._pending
+            self._pending = None
+            self._check(self.checked, host.tolist()[: end - self.checked])
+
+    def _check(self, start: int, sums: list[float]) -> None:
+        self.check([v / self.sizes[start + i] for i, v in enumerate(sums)], start)
+        self.checked = start + len(sums)
+
+    def finish(self) -> float:
+        """The epoch's mean loss per example, after checking every step not
+        looked at yet (one host sync)."""
+        if not self.losses:
+            return 0.0
+        self._pending = None
+        values = torch.stack(self.losses).tolist()
+        if self.checked < len(values):
+            self._check(self.checked, values[self.checked :])
+        return sum(values) / max(1, sum(self.sizes))
+
 
 @dataclass(frozen=True)
 class TrialParams:
@@ -181,9 +242,8 @@ def evaluate(
                 logits = forward(model, _layout(placement, x)).float()
         total_loss += F.cross_entropy(logits, y, reduction="sum")
         pred = logits.argmax(1)
-        confusion += torch.bincount(y * n_classes + pred, minlength=n_classes**2).view(
-            n_classes, n_classes
-        )
+        # index_add_, not bincount: bincount on a GPU reads its maximum on the host.
+        confusion.view(-1).index_add_(0, y * n_classes + pred, torch.ones_like(y))
         if on_batch is not None:
             on_batch()
     model.train(was_training)
@@ -298,10 +358,6 @@ class Trainer:
         self.optimizer = self._optimizer(trainable)
         self.scaler = placement.grad_scaler()
         self._features = placement.compiled(backbone.features)
-        # Losses stay on the device; the host looks at them every this many steps
-        # (non-finite, divergence) and once per epoch: on a GPU a per-step .item()
-        # would stall the queue of kernels.
-        self.check_every = 1 if placement.device.type == "cpu" else 32
         total = self.steps_per_epoch * spec.train.epochs
         # Warm up over 10 % of the steps, but at least 2 (capped at 30 %): with
         # pct_start * total == 1 (e.g. 10 steps) OneCycleLR divides by zero.
@@ -390,9 +446,17 @@ class Trainer:
             if states is None and self.augment is not None and data.modality == "image"
             else None
         )
-        losses: list[torch.Tensor] = []  # per step, summed over the batch, on the device
-        sizes: list[int] = []
-        checked = 0
+        # Rows are gathered where they are (the device, or the host for data too
+        # big for it): a host index into device tensors is a copy that the host
+        # waits for, every step.
+        where = states.device if states is not None else data.labels.device
+        order = order.to(where)
+        labels = data.labels.to(where)
+        if draws is not None:
+            draws = draws.to(where)
+        # Per-step losses stay on the device (see StepLosses: a per-step .item()
+        # would stall a GPU's queue of kernels).
+        losses = StepLosses(self.device, self._check_losses)
         for step, i in enumerate(range(0, len(order), self.params.batch_size)):
             idx = order[i : i + self.params.batch_size]
             if states is not None:
@@ -404,7 +468,7 @@ class Trainer:
                 x = _layout(self.placement, x)
                 if self.point:
                     x = self._prefix(x)
-            y = to_device(data.labels[idx], self.device)
+            y = to_device(labels[idx], self.device)
             while True:
                 try:
                     loss_sum = self._step(x, y, step)
@@ -418,12 +482,8 @@ class Trainer:
                 # Out of the except block: the exception (and the frames holding the
                 # batch's activations) is gone, so the memory can really be freed.
                 self._shrink_micro_batch(error)
-            losses.append(loss_sum)
-            sizes.append(len(idx))
+            losses.add(loss_sum, len(idx))
             self.examples_seen += len(idx)
-            if len(losses) - checked >= self.check_every:
-                self._check_losses(losses, sizes, checked)
-                checked = len(losses)
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
@@ -432,19 +492,12 @@ class Trainer:
             self.scheduler.step()
             if self.on_batch is not None:
                 self.on_batch()
-        if not losses:
-            return 0.0
-        values = self._check_losses(losses, sizes, checked)
-        return sum(values) / max(1, sum(sizes))
+        return losses.finish()
 
-    def _check_losses(
-        self, losses: list[torch.Tensor], sizes: list[int], start: int
-    ) -> list[float]:
-        """One host sync: every step's summed loss as floats; fails the trial if
-        one from ``start`` on is not finite or has diverged (in step order)."""
-        values = torch.stack(losses).tolist()
-        for step in range(start, len(values)):
-            loss = values[step] / sizes[step]
+    def _check_losses(self, means: list[float], start: int) -> None:
+        """Fail the trial if the mean loss of step ``start + i`` (``means[i]``)
+        is not finite or has diverged, in step order."""
+        for step, loss in enumerate(means, start):
             if not math.isfinite(loss):
                 raise TrialError(
                     "non_finite",
@@ -452,7 +505,6 @@ class Trainer:
                     "the learning rate is probably too high",
                 )
             self._check_divergence(loss, step)
-        return values
 
     def _step(self, x: Batch, y: torch.Tensor, step: int) -> torch.Tensor:
         """Forward and backward of one optimiser batch (``x``: the model's inputs,
