@@ -12,11 +12,26 @@ import torch.nn.functional as F
 from autotransfer.backbones import Preprocessing
 from autotransfer.spec.model import AugmentSpec
 
+_STATS: dict[tuple[tuple[float, ...], tuple[float, ...], torch.device],
+             tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _mean_std(pre: Preprocessing, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pre``'s mean and std as (1, 3, 1, 1) tensors on ``device``, made once:
+    building them per batch would copy them to a GPU, and wait, every batch."""
+    key = (tuple(pre.mean), tuple(pre.std), device)
+    found = _STATS.get(key)
+    if found is None:
+        found = _STATS[key] = (
+            torch.tensor(pre.mean, device=device).view(1, 3, 1, 1),
+            torch.tensor(pre.std, device=device).view(1, 3, 1, 1),
+        )
+    return found
+
 
 def normalise(images: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> float, scaled to [0, 1] and normalised by mean/std."""
-    mean = torch.tensor(pre.mean, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(pre.std, device=images.device).view(1, 3, 1, 1)
+    mean, std = _mean_std(pre, images.device)
     return (images.float().div_(255.0) - mean) / std
 
 
