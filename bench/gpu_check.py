@@ -79,45 +79,43 @@ def _engine_trainer(key: str, images: torch.Tensor, labels: torch.Tensor, batch:
     return trainer, spec
 
 
-def engine_throughput(key, images, labels, batch, freeze, train, classes) -> tuple[float, dict]:
+def engine_epoch(key, images, labels, batch, freeze, train, classes):
+    """One training epoch of a trial inside the engine (the ``Trainer``), and
+    where it runs."""
     trainer, _ = _engine_trainer(key, images, labels, batch, freeze, train, classes)
-    trainer._train_epoch()  # warm-up (cudnn autotune, allocator)
-    sync(trainer.device)
-    start = time.perf_counter()
-    trainer._train_epoch()
-    sync(trainer.device)
-    return len(labels) / (time.perf_counter() - start), trainer.placement.record
+    return trainer._train_epoch, trainer.device, trainer.placement.record
 
 
-def plain_throughput(key, images, labels, batch, freeze, train, classes,
-                     data_work: bool) -> float:
-    """A plain loop on the same model: ``data_work`` gathers, normalises and
-    augments each batch like the engine; else one pre-made random batch (the
-    shared reference loop)."""
+def plain_epoch(key, images, labels, batch, freeze, train, classes, data_work: bool):
+    """One epoch of a plain loop on the same model (built, frozen and placed
+    like the engine's): ``data_work`` gathers, normalises and augments each
+    batch as the engine does; else one pre-made random batch (the shared
+    reference loop's step: AdamW, autocast, channels_last)."""
     trainer, spec = _engine_trainer(key, images, labels, batch, freeze, train, classes)
     placement, model = trainer.placement, trainer.backbone.model
     device = placement.device
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-4, total_steps=10_000)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-4, total_steps=100_000)
     data = trainer.splits.train.images
     y_all = trainer.splits.train.labels.to(device)
     pre = trainer.backbone.preprocessing
     mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1)
-    fixed = torch.randn(batch, *images.shape[1:], device=device)
+    fixed = placement.batch(torch.randn(batch, *images.shape[1:], device=device))
     fixed_y = torch.randint(0, classes, (batch,), device=device)
     g = torch.Generator().manual_seed(0)
     model.train()
+    steps = math.ceil(len(labels) / batch)
 
-    def batch_at(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch_at() -> tuple[torch.Tensor, torch.Tensor]:
         if not data_work:
             return fixed, fixed_y
-        idx = torch.randperm(len(labels), generator=g)[:batch]
+        idx = torch.randperm(len(labels), generator=g)[:batch].to(data.device)
         x = data[idx].to(device, non_blocking=True).float().div_(255)
         x = (x - mean) / std
         n = x.shape[0]
         u = torch.rand((n, 5), generator=g).to(device)
-        area = 0.8 + 0.2 * u[:, 0]
+        area = 0.8 + 0.2 * u[:, 0]  # the default crop_scale (0.8, 1.0)
         ratio = torch.exp((u[:, 1] * 2 - 1) * math.log(4 / 3))
         sx, sy = (area * ratio).sqrt().clamp(max=1), (area / ratio).sqrt().clamp(max=1)
         theta = torch.zeros((n, 2, 3), device=device)
@@ -130,43 +128,64 @@ def plain_throughput(key, images, labels, batch, freeze, train, classes,
                           align_corners=False)
         return placement.batch(x), y_all[idx.to(device)]
 
-    def step(i: int) -> None:
-        x, y = batch_at(i)
-        with placement.autocast():
-            loss = F.cross_entropy(model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+    def epoch() -> None:
+        for _ in range(steps):
+            x, y = batch_at()
+            with placement.autocast():
+                loss = F.cross_entropy(model(x).float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
 
-    steps = math.ceil(len(labels) / batch)
-    for i in range(steps):  # warm-up, as the engine's
-        step(i)
-    sync(device)
-    start = time.perf_counter()
-    for i in range(steps):
-        step(i)
-    sync(device)
-    return steps * batch / (time.perf_counter() - start)
+    return epoch
 
 
 def throughput_rows(models, size, batch, n_images, classes, train, images=None, labels=None,
-                    freezes=(0.0, 0.75)):
+                    freezes=(0.0, 0.75), rounds: int = 1):
+    """Images/s of one training epoch: the engine, the plain loop with the same
+    data work, the reference loop (random batch). Each runs one warm-up epoch
+    (cuDNN autotuning, allocator), then ``rounds`` timed epochs, the three
+    interleaved (so a change in the machine's load hits them alike); the median
+    counts. The feature cache is off (``train.feature_cache: false``) so the
+    engine does the same work as the loops; with it, a frozen trial's later
+    epochs skip the prefix altogether."""
     if images is None:
         images = torch.randint(0, 256, (n_images, 3, size, size), dtype=torch.uint8)
         labels = torch.randint(0, classes, (n_images,))
+    train = {"feature_cache": False, **train}
     rows = []
     for key in models:
         for freeze in freezes:
-            engine, record = engine_throughput(key, images, labels, batch, freeze, train, classes)
-            plain = plain_throughput(key, images, labels, batch, freeze, train, classes, True)
-            ref = plain_throughput(key, images, labels, batch, freeze, train, classes, False)
-            row = {"model": key, "freeze": freeze, "engine_img_s": round(engine, 1),
-                   "plain_img_s": round(plain, 1), "reference_img_s": round(ref, 1),
-                   "ratio_plain": round(engine / plain, 3),
-                   "ratio_reference": round(engine / ref, 3), "placement": record}
+            run, device, record = engine_epoch(key, images, labels, batch, freeze, train,
+                                               classes)
+            runs = {"engine": run,
+                    "plain": plain_epoch(key, images, labels, batch, freeze, train, classes,
+                                         True),
+                    "reference": plain_epoch(key, images, labels, batch, freeze, train,
+                                             classes, False)}
+            times: dict[str, list[float]] = {k: [] for k in runs}
+            for r in range(rounds + 1):
+                for name, epoch in runs.items():
+                    sync(device)
+                    start = time.perf_counter()
+                    epoch()
+                    sync(device)
+                    if r:  # round 0 warms up
+                        times[name].append(time.perf_counter() - start)
+            n = math.ceil(len(labels) / batch) * batch
+            speed = {k: n / statistics.median(v) for k, v in times.items()}
+            row = {"model": key, "freeze": freeze, "images": len(labels), "batch": batch,
+                   "rounds": rounds,
+                   "engine_img_s": round(speed["engine"], 1),
+                   "plain_img_s": round(speed["plain"], 1),
+                   "reference_img_s": round(speed["reference"], 1),
+                   "ratio_plain": round(speed["engine"] / speed["plain"], 3),
+                   "ratio_reference": round(speed["engine"] / speed["reference"], 3),
+                   "placement": record}
             print(json.dumps(row), flush=True)
             rows.append(row)
+            del runs, run
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     return rows
@@ -360,6 +379,9 @@ def markdown(result: dict) -> str:
     lines = [f"# GPU check: {result['device']}", "",
              f"{result['when']}; torch {result['torch']}; mode {result['mode']}; "
              f"load average {result['load_avg']}", ""]
+    if "gpu_tests_exit" in result:
+        lines += [f"gpu-marked tests: exit {result['gpu_tests_exit']} "
+                  f"({'passed' if result['gpu_tests_exit'] == 0 else 'FAILED'})", ""]
     if result.get("throughput"):
         lines += ["## Training throughput, engine vs plain loops (images/s)", "",
                   "| model | frozen | engine | plain (same data work) | ratio | "
@@ -412,11 +434,25 @@ SMOKE = Sizes(
 )
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu-smoke", action="store_true")
     ap.add_argument("--cpu-compare", action="store_true")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--images", type=int, default=0,
+                    help="--cpu-compare: the first this many digits (default: all)")
+    ap.add_argument("--rounds", type=int, default=3, help="--cpu-compare: timed rounds")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     random.seed(0)
@@ -424,17 +460,21 @@ def main() -> int:
     device = torch.cuda.get_device_name(0) if cuda else f"cpu-{os.cpu_count()}core"
     result: dict = {"device": device, "torch": torch.__version__,
                     "when": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.node(),
+                    "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
                     "load_avg": [round(v, 1) for v in os.getloadavg()],
                     "mode": "cpu-smoke" if args.cpu_smoke else
                     "cpu-compare" if args.cpu_compare else "gpu"}
+    if "GPU_TESTS_EXIT" in os.environ:  # set by gpu_check.sh: pytest -m gpu's exit code
+        result["gpu_tests_exit"] = int(os.environ["GPU_TESTS_EXIT"])
     if args.cpu_compare:
         from autotransfer.data.datasets import load_dataset
         from autotransfer.spec.model import DataSpec
 
         digits = load_dataset(DataSpec(path="sklearn:digits", image_size=64))
+        n = args.images or len(digits)
         result["throughput"] = throughput_rows(
-            ["timm:tf_efficientnet_lite0@packaged"], 64, 32, 0, 10, {}, digits.images,
-            digits.labels)
+            ["timm:tf_efficientnet_lite0@packaged"], 64, 32, 0, 10, {}, digits.images[:n],
+            digits.labels[:n], rounds=args.rounds)
         result["load_avg_after"] = [round(v, 1) for v in os.getloadavg()]
         name = "cpu-side-by-side"
     else:
