@@ -68,9 +68,12 @@ IMAGE_BACKBONE = "timm:tf_efficientnet_lite0@packaged"
 TEXT_BACKBONE = "hf:sentence-transformers/all-MiniLM-L6-v2@packaged"
 ARMS = ["finetune", "probe", "search", "random"]
 FIXED = {
-    "finetune": {"freeze": 0.0, "lr": 1.0e-3, "alpha": 0.0},
+    # a practitioner's plain fine-tune: one learning rate for trunk and head
+    "finetune": {"freeze": 0.0, "lr": 1.0e-3, "alpha": 0.0, "trunk_lr_scale": 1.0},
     "probe": {"freeze": 1.0, "lr": 1.0e-2, "alpha": 0.0},
 }
+REFIT_ROW = "search+refit"
+"""The search arm's pick refit on train + validation (``export --refit``)."""
 TEST_FRACTION = 0.25
 TEST_SEED = 12345
 
@@ -220,13 +223,24 @@ def run_arm(arm: str, ctx: dict[str, Any], budget: int | None = None) -> dict[st
         if pick["number"] != result.get("best_trial") or not export.exists():
             if export.exists():
                 shutil.rmtree(export)
-            cli("export", *common, "--study-name", spec["name"], "--trial", str(pick["number"]),
+            cli("export", *common[:2], "--study-name", spec["name"], "--trial",
+                str(pick["number"]),
                 str(export), cwd=work)
     else:
         pick = next(t for t in trials if t["number"] == result["best_trial"])
         trials_counted = trials
     search_seconds = time.monotonic() - t0
     test = score(export, ctx["test"])
+    refit: dict[str, Any] = {}
+    if arm == "search" and ctx.get("refit"):
+        # the same pick refit on train + validation for its best epoch count
+        t1 = time.monotonic()
+        cli("export", *common[:2], "--study-name", spec["name"], "--refit", str(work / "refit"),
+            cwd=work)
+        scored = score(work / "refit", ctx["test"])
+        refit = {"refit_test_accuracy": scored["accuracy"],
+                 "refit_test_macro_f1": scored["macro_f1"],
+                 "refit_seconds": round(time.monotonic() - t1, 1)}
     out = {
         "arm": arm,
         "test_accuracy": test["accuracy"],
@@ -247,6 +261,7 @@ def run_arm(arm: str, ctx: dict[str, Any], budget: int | None = None) -> dict[st
         "search_seconds": round(search_seconds, 1),
         "load_before": round(load0, 2),
         "load_after": round(os.getloadavg()[0], 2),
+        **refit,
         "trials": [{k: t.get(k) for k in ("number", "state", "value", "params", "epochs_run",
                                           "best_epoch", "pruned_at_epoch", "val_f1")}
                    for t in trials],
@@ -274,12 +289,15 @@ def prepare_set(name: str, folder: Path, work: Path) -> dict[str, Any]:
 
 def run_seed(prepared: dict[str, Any], seed: int, arms: list[str], work: Path, epochs: int,
              image_size: int, n_trials: int, backbones: dict[str, str], keep: bool = False,
-             log: Any = print, on_run: Any = None, threads: int | None = None) -> None:
-    """Every arm on one prepared set and seed; runs are appended to it."""
+             log: Any = print, on_run: Any = None, threads: int | None = None,
+             refit: bool = True) -> None:
+    """Every arm on one prepared set and seed; runs are appended to it. With
+    ``refit``, the search arm's pick is also refit on train + validation and
+    scored (``refit_test_*``: the ``search+refit`` row)."""
     ctx = {"set": prepared["name"], "seed": seed, "work": work, "data": prepared["data"],
            "modality": prepared["modality"], "backbone": backbones[prepared["modality"]],
            "epochs": epochs, "image_size": image_size, "n_trials": n_trials,
-           "test": prepared["test"], "keep": keep, "threads": threads}
+           "test": prepared["test"], "keep": keep, "threads": threads, "refit": refit}
     budget = None
     for arm in arms:
         if arm == "random" and budget is None:
@@ -292,7 +310,9 @@ def run_seed(prepared: dict[str, Any], seed: int, arms: list[str], work: Path, e
         log(f"{prepared['name']} seed {seed} {arm:8s}: test acc {r['test_accuracy']:.3f} "
             f"F1 {r['test_macro_f1']:.3f}  val {r['picked_val_accuracy']:.3f}  "
             f"{r['n_trials']} trials {r['epochs_trained']} epochs  {r['wall_seconds']:.0f}s"
-            f"  load {r['load_before']:.1f}")
+            f"  load {r['load_before']:.1f}"
+            + (f"  refit: test acc {r['refit_test_accuracy']:.3f}" if "refit_test_accuracy" in r
+               else ""))
         if on_run:
             on_run()
 
@@ -307,11 +327,12 @@ def public(prepared: dict[str, Any], arms: list[str], backbones: dict[str, str]
 
 def run_set(name: str, folder: Path, seeds: list[int], arms: list[str], work: Path,
             epochs: int, image_size: int, n_trials: int, backbones: dict[str, str],
-            keep: bool = False, log: Any = print) -> dict[str, Any]:
+            keep: bool = False, log: Any = print, refit: bool = True) -> dict[str, Any]:
     """Every seed and arm on one set (the test's entry point)."""
     prepared = prepare_set(name, folder, work)
     for seed in seeds:
-        run_seed(prepared, seed, arms, work, epochs, image_size, n_trials, backbones, keep, log)
+        run_seed(prepared, seed, arms, work, epochs, image_size, n_trials, backbones, keep, log,
+                 refit=refit)
     return public(prepared, arms, backbones)
 
 
@@ -332,6 +353,17 @@ def summarise(runs: list[dict[str, Any]], arms: list[str]) -> dict[str, Any]:
             "epochs_trained": ms([r["epochs_trained"] for r in rs]),
             "wall_seconds": ms([r["wall_seconds"] for r in rs]),
             "seeds": len(rs),
+        }
+    refits = [r for r in runs if r["arm"] == "search" and "refit_test_accuracy" in r]
+    if refits:
+        out[REFIT_ROW] = {
+            "test_accuracy": ms([r["refit_test_accuracy"] for r in refits]),
+            "test_macro_f1": ms([r["refit_test_macro_f1"] for r in refits]),
+            "val_accuracy": ms([r["picked_val_accuracy"] for r in refits]),
+            "epochs_trained": ms([r["epochs_trained"] + (r["picked_best_epoch"] or 0)
+                                  for r in refits]),
+            "wall_seconds": ms([r["wall_seconds"] + r["refit_seconds"] for r in refits]),
+            "seeds": len(refits),
         }
     return out
 
@@ -379,9 +411,10 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{m['test_accuracy']['std']:.3f} | {m['test_macro_f1']['mean']:.3f} ± "
                 f"{m['test_macro_f1']['std']:.3f} | {m['val_accuracy']['mean']:.3f} | "
                 f"{m['epochs_trained']['mean']:.0f} | {m['wall_seconds']['mean']:.0f} |")
+    has_refit = any(REFIT_ROW in s["summary"] for s in report["sets"])
     lines += ["", "## Per seed (test accuracy; picked trial's val accuracy in brackets)", "",
-              "| set | seed | " + " | ".join(report["arms"]) + " |",
-              "|---|---|" + "---|" * len(report["arms"])]
+              "| set | seed | " + " | ".join(report["arms"] + [REFIT_ROW] * has_refit) + " |",
+              "|---|---|" + "---|" * (len(report["arms"]) + has_refit)]
     for s in report["sets"]:
         for seed in report["seeds"]:
             cells = []
@@ -389,6 +422,10 @@ def markdown(report: dict[str, Any]) -> str:
                 r = next((r for r in s["runs"] if r["seed"] == seed and r["arm"] == arm), None)
                 cells.append("-" if r is None else
                              f"{r['test_accuracy']:.3f} ({r['picked_val_accuracy']:.3f})")
+            if has_refit:
+                r = next((r for r in s["runs"] if r["seed"] == seed and r["arm"] == "search"
+                          and "refit_test_accuracy" in r), None)
+                cells.append("-" if r is None else f"{r['refit_test_accuracy']:.3f}")
             lines.append(f"| {s['name']} | {seed} | " + " | ".join(cells) + " |")
     lines += ["", "## Targets (issue 15), from the means above", ""]
     lines += targets(report)
@@ -415,11 +452,51 @@ def targets(report: dict[str, Any]) -> list[str]:
         vs_random = "met" if acc["search"] >= acc["random"] else "MISSED"
         lines.append(f"- {s['name']}: search {acc['search']:.3f} vs better hand baseline "
                      f"{hand:.3f} ({vs_hand}), vs random {acc['random']:.3f} ({vs_random})")
+    refit_gains = [s["summary"][REFIT_ROW]["test_accuracy"]["mean"]
+                   - s["summary"]["search"]["test_accuracy"]["mean"]
+                   for s in report["sets"] if REFIT_ROW in s["summary"]]
+    if refit_gains:
+        lines.append("- refit on train + validation vs the search's own checkpoint: "
+                     + ", ".join(f"{100 * g:+.1f}" for g in refit_gains)
+                     + f" points (mean {100 * statistics.fmean(refit_gains):+.1f})")
     if gaps:
         mean_gap = statistics.fmean(gaps)
         lines.append(f"- over all sets: search − better hand baseline = {100 * mean_gap:+.1f} "
                      f"points (target +3: {'met' if mean_gap >= 0.03 else 'MISSED'})")
     return lines
+
+
+def merge(reports: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    """One report from several made side by side with the same settings (each
+    process on its own sets or seeds): runs of a set are pooled and summarised
+    again; the wall time is the longest run's."""
+    first = reports[0]
+    for r in reports[1:]:
+        for key in ("epochs", "image_size", "n_trials", "per_class", "arms"):
+            if r.get(key) != first.get(key):
+                raise SystemExit(f"error: cannot merge: '{key}' differs ({first.get(key)} vs "
+                                 f"{r.get(key)}); merge runs made with the same settings")
+    sets: dict[str, dict[str, Any]] = {}
+    for r in reports:
+        for s in r["sets"]:
+            if s["name"] in sets:
+                sets[s["name"]]["runs"] += s["runs"]
+            else:
+                sets[s["name"]] = {**s, "runs": list(s["runs"])}
+    for s in sets.values():
+        s["summary"] = summarise(s["runs"], first["arms"])
+    return {
+        **first, "name": name,
+        "commit": ", ".join(dict.fromkeys(r["commit"] for r in reports)),
+        "started": min(r["started"] for r in reports),
+        "wall_minutes": max(r["wall_minutes"] for r in reports),
+        "command": " ; ".join(r["command"] for r in reports)
+        + " (side by side) ; python bench/quality.py --merge ...",
+        "seeds": sorted({seed for r in reports for seed in r["seeds"]}),
+        "load_min": min(r["load_min"] for r in reports),
+        "load_max": max(r["load_max"] for r in reports),
+        "sets": list(sets.values()),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -446,7 +523,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--work", type=Path, default=None, help="work folder (default: temp)")
     parser.add_argument("--keep", action="store_true", help="keep studies and exports")
+    parser.add_argument("--no-refit", dest="refit", action="store_false",
+                        help="skip refitting the search's pick on train + validation")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="merge result files of runs made side by side (e.g. one per "
+                        "set) into quality-NAME.json/.md; runs nothing")
     args = parser.parse_args(argv)
+    if args.merge:
+        report = merge([json.loads(p.read_text()) for p in args.merge], args.name)
+        stem = args.results / f"quality-{args.name}"
+        stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+        stem.with_suffix(".md").write_text(markdown(report))
+        print(markdown(report))
+        return 0
     if args.quick:
         args.sets = args.sets or ["emoji", "fortunes"]
         args.seeds, args.per_class, args.image_size = [0], 30, 32
@@ -493,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"== {p['name']} seed {seed}", flush=True)
             run_seed(p, seed, args.arms, work, args.epochs, args.image_size, args.n_trials,
                      backbones, args.keep, log=lambda s: print(s, flush=True), on_run=write,
-                     threads=args.threads)
+                     threads=args.threads, refit=args.refit)
     report = write()
     print(markdown(report))
     print(f"wrote {stem}.json and .md")

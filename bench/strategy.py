@@ -50,8 +50,8 @@ BACKBONE = {
 }
 SETS = {"emoji": "image", "stamps": "image", "debian-sections": "text", "fortunes": "text"}
 
-# name: (freeze, lr, alpha, retention, label_smoothing)
-CONFIGS: dict[str, tuple[float, float, float, str, float]] = {
+# name: (freeze, lr, alpha, retention, label_smoothing[, trunk_lr_scale, default 1])
+CONFIGS: dict[str, tuple[float, ...] | tuple[float, float, float, str, float]] = {
     "probe_lr1e-2": (1.0, 1e-2, 0.0, "l2sp", 0.0),
     "probe_lr3e-3": (1.0, 3e-3, 0.0, "l2sp", 0.0),
     "full_lr1e-3": (0.0, 1e-3, 0.0, "l2sp", 0.0),
@@ -60,6 +60,11 @@ CONFIGS: dict[str, tuple[float, float, float, str, float]] = {
     "full_lr1e-3_l2sp0.2": (0.0, 1e-3, 0.2, "l2sp", 0.0),
     "full_lr1e-3_distill0.2": (0.0, 1e-3, 0.2, "distill", 0.0),
     "full_lr1e-3_ls0.1": (0.0, 1e-3, 0.0, "l2sp", 0.1),
+    # the head at lr, the trunk at lr * trunk_lr_scale (search.trunk_lr_scale)
+    "full_lr1e-3_trunk0.1": (0.0, 1e-3, 0.0, "l2sp", 0.0, 0.1),
+    "full_lr1e-2_trunk0.1": (0.0, 1e-2, 0.0, "l2sp", 0.0, 0.1),
+    "full_lr3e-3_trunk0.3": (0.0, 3e-3, 0.0, "l2sp", 0.0, 0.3),
+    "half_lr1e-2_trunk0.1": (0.5, 1e-2, 0.0, "l2sp", 0.0, 0.1),
 }
 
 
@@ -72,7 +77,7 @@ def subsample(data: Any, per_class: int, seed: int) -> Any:
 
 
 def spec_for(name: str, path: Path, modality: str, epochs: int, config: tuple, seed: int):
-    freeze, lr, alpha, retention, ls = config
+    freeze, lr, alpha, retention, ls = config[:5]
     data = path / "data.csv" if modality == "text" else path
     return validate_spec({
         "name": f"strategy-{name}", "data": {"path": str(data), "image_size": 64,
@@ -86,10 +91,12 @@ def spec_for(name: str, path: Path, modality: str, epochs: int, config: tuple, s
     })
 
 
-def run_one(host, spec, splits: Splits, epochs_cap: int | None = None) -> dict[str, Any]:
+def run_one(host, spec, splits: Splits, epochs_cap: int | None = None,
+            trunk_lr_scale: float = 1.0) -> dict[str, Any]:
     s = spec.search
     params = TrialParams(backbone=s.backbones[0].key, freeze=s.freeze, lr=s.lr,
-                         weight_decay=s.weight_decay, batch_size=s.batch_size, alpha=s.alpha)
+                         weight_decay=s.weight_decay, batch_size=s.batch_size, alpha=s.alpha,
+                         trunk_lr_scale=trunk_lr_scale)
     torch.manual_seed(spec.seed)
     backbone = host.build(s.backbones[0], num_classes=len(splits.classes),
                           image_size=spec.data.image_size)
@@ -121,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--refit", action="store_true", help="also refit the best-val config")
     p.add_argument("--summary", action="store_true")
+    p.add_argument("--results", type=Path, default=RESULTS)
     args = p.parse_args(argv)
-    rows = json.loads(RESULTS.read_text())["rows"] if RESULTS.exists() else []
+    rows = json.loads(args.results.read_text())["rows"] if args.results.exists() else []
     if args.summary:
         summarise(rows)
         return 0
@@ -141,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
                 if splits is None:
                     data = subsample(load_dataset(spec.data), args.per_class, seed)
                     splits = stratified_split(data, spec.data.split, seed)
-                row = {"set": name, "seed": seed, "config": cname, **run_one(host, spec, splits)}
+                scale = CONFIGS[cname][5] if len(CONFIGS[cname]) > 5 else 1.0
+                row = {"set": name, "seed": seed, "config": cname,
+                       **run_one(host, spec, splits, trunk_lr_scale=scale)}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
                 save(rows, args)
@@ -152,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
                 spec = spec_for(name, args.data_root / name, modality, args.epochs,
                                 CONFIGS[pick["config"]], seed)
                 merged = replace(splits, train=_concat(splits.train, splits.val))
-                out = run_one(host, spec, merged, epochs_cap=pick["best_epoch"])
+                config = CONFIGS[pick["config"]]
+                out = run_one(host, spec, merged, epochs_cap=pick["best_epoch"],
+                              trunk_lr_scale=config[5] if len(config) > 5 else 1.0)
                 row = {"set": name, "seed": seed, "config": "refit", "of": pick["config"],
                        "epochs": pick["best_epoch"], "test_refit": out["test"][-1],
                        "test_pick": pick["test_of_best"], "seconds": out["seconds"]}
@@ -181,8 +193,8 @@ def _concat(a: Any, b: Any) -> Any:
 
 
 def save(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps({
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, shared with other jobs",
         "torch": torch.__version__, "per_class": args.per_class, "epochs": args.epochs,
         "split": "60/20/20 of a class-balanced subsample", "rows": rows,

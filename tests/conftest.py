@@ -79,6 +79,9 @@ def tiny_spec_dict(data_path: Path | str, **overrides: Any) -> dict[str, Any]:
             "backbones": [TINY_BACKBONE],
             "freeze": {"low": 0.0, "high": 0.5},
             "lr": {"low": 3e-3, "high": 1e-2, "log": True},
+            # one rate for all, whatever the modality: tiny random-init trunks learn
+            # in two epochs only at the full rate (tests/test_trunk_lr.py: auto)
+            "trunk_lr_scale": 1.0,
             "batch_size": 8,
             "alpha": {"low": 0.0, "high": 0.5},
         },

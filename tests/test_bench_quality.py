@@ -70,7 +70,7 @@ def test_fixed_arms_pin_the_space_and_random_sets_the_sampler(tmp_path: Path) ->
     args = (tmp_path, "image", "timm:x@none", 1, 6, 64, 10)
     finetune = quality.make_spec("finetune", "n", *args)
     assert finetune["search"] | {} == {"backbones": ["timm:x@none"], "freeze": 0.0,
-                                      "lr": 1e-3, "alpha": 0.0}
+                                      "lr": 1e-3, "alpha": 0.0, "trunk_lr_scale": 1.0}
     assert finetune["n_trials"] == 1
     assert quality.make_spec("probe", "n", *args)["search"]["freeze"] == 1.0
     random_sampler = quality.make_spec("random", "n", *args)["sampler"]
@@ -101,14 +101,27 @@ def test_harness_arms_on_a_tiny_set(tmp_path: Path, make_images) -> None:
     assert runs["random"]["epochs_trained"] <= budget <= runs["random"]["epochs_trained_all"]
     for r in runs.values():
         assert 0.0 <= r["test_accuracy"] <= 1.0 and r["test_n"] == 15
+    # the search's pick, refit on train + validation, scored on the same test set
+    assert 0.0 <= runs["search"]["refit_test_accuracy"] <= 1.0
     summary = result["summary"]
-    assert set(summary) == set(quality.ARMS) and summary["search"]["seeds"] == 1
+    assert set(summary) == {*quality.ARMS, quality.REFIT_ROW}
+    assert summary["search"]["seeds"] == 1
     report = {"name": "t", "machine": "m", "commit": "c", "started": "s", "wall_minutes": 1.0,
               "load_min": 0.0, "load_max": 1.0, "command": "x", "seeds": [0],
               "epochs": 2, "image_size": 32, "n_trials": 3, "arms": quality.ARMS,
               "sets": [result]}
     md = quality.markdown(report)
     assert "| tiny | search |" in md and "over all sets" in md
+    assert "| tiny | search+refit |" in md and "refit on train + validation vs" in md
+    # runs made side by side merge into one report, summarised again
+    halves = []
+    for arms in (quality.ARMS[:2], quality.ARMS[2:]):
+        part = {**result, "runs": [r for r in result["runs"] if r["arm"] in arms]}
+        halves.append({**report, "sets": [part], "wall_minutes": 1.0 + len(halves)})
+    merged = quality.merge(halves, "m")
+    assert merged["sets"][0]["summary"] == summary and merged["wall_minutes"] == 2.0
+    with pytest.raises(SystemExit, match="epochs"):
+        quality.merge([report, {**report, "epochs": 3}], "m")
 
 
 def test_text_pool_is_a_csv(tmp_path: Path) -> None:

@@ -146,6 +146,10 @@ class TrialParams:
     alpha: float
     retention: str | None = None
     """``L_pre``'s kind (``none``: no retention); None: the spec's first kind."""
+    trunk_lr_scale: float = 1.0
+    """The trunk's learning rate is ``lr * trunk_lr_scale``; the head's (and a
+    retention head's) is ``lr``. 1.0, one rate for all, is what trials stored
+    before the parameter existed trained with."""
 
 
 @dataclass(frozen=True)
@@ -351,18 +355,16 @@ class Trainer:
             if params.alpha > 0 and self.retention_kind != "none"
             else None
         )
-        trainable = [p for p in backbone.model.parameters() if p.requires_grad]
-        if self.retention is not None:
-            trainable += self.retention.parameters()
         self.steps_per_epoch = math.ceil(len(splits.train) / params.batch_size)
-        self.optimizer = self._optimizer(trainable)
+        self.optimizer = self._optimizer(self._param_groups())
         self.scaler = placement.grad_scaler()
         self._features = placement.compiled(backbone.features)
         total = self.steps_per_epoch * spec.train.epochs
         # Warm up over 10 % of the steps, but at least 2 (capped at 30 %): with
         # pct_start * total == 1 (e.g. 10 steps) OneCycleLR divides by zero.
         self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            self.optimizer, max_lr=params.lr, total_steps=total,
+            self.optimizer, max_lr=[g["lr"] for g in self.optimizer.param_groups],
+            total_steps=total,
             pct_start=min(0.3, max(0.1, 2 / total)),
         )
         # Largest forward that fits; halved on out-of-memory (see _step).
@@ -379,11 +381,29 @@ class Trainer:
         # Called after every batch (training and validation): the watchdog's heartbeat.
         self.on_batch: Callable[[], None] | None = None
 
-    def _optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    def _param_groups(self) -> list[dict[str, Any]]:
+        """The trainable parameters in two groups: the new heads (the backbone's
+        and a retention head) at ``lr``, the unfrozen trunk blocks at
+        ``lr * trunk_lr_scale``; an empty group is left out."""
+        head_names = set(self.backbone.head)
+        head: list[torch.nn.Parameter] = []
+        trunk: list[torch.nn.Parameter] = []
+        for name, p in self.backbone.model.named_parameters():
+            if p.requires_grad:
+                (head if name in head_names else trunk).append(p)
+        if self.retention is not None:
+            head += self.retention.parameters()
+        groups = [
+            {"params": head, "lr": self.params.lr},
+            {"params": trunk, "lr": self.params.lr * self.params.trunk_lr_scale},
+        ]
+        return [g for g in groups if g["params"]]
+
+    def _optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
         wd = self.params.weight_decay
         if self.spec.train.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=self.params.lr, momentum=0.9, weight_decay=wd)
-        return torch.optim.AdamW(params, lr=self.params.lr, weight_decay=wd)
+            return torch.optim.SGD(groups, lr=self.params.lr, momentum=0.9, weight_decay=wd)
+        return torch.optim.AdamW(groups, lr=self.params.lr, weight_decay=wd)
 
     @torch.no_grad()
     def _prefix(self, x: Batch) -> Batch:

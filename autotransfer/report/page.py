@@ -145,6 +145,7 @@ def _summary(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> str
                    f"(fraction {_num(p.get('freeze'), '.2f')})"
          if a.get(FROZEN_BLOCKS_ATTR) is not None else _num(p.get("freeze"), ".2f")),
         ("lr", _num(p.get("lr"), ".2e")),
+        ("trunk lr scale", _num(p.get("trunk_lr_scale", 1.0), ".2g")),
         ("weight decay", _num(p.get("weight_decay"), ".1e")),
         ("batch size", p.get("batch_size")),
         ("α", _num(p.get("alpha"), ".3f")),

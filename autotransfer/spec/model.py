@@ -238,12 +238,25 @@ class DataSpec(_Model):
         return {p: getattr(self, p) for p in GIVEN_PARTS if getattr(self, p) is not None}
 
 
+AUTO_TRUNK_LR_SCALE = {"image": 1.0, "text": 0.1}
+"""``search.trunk_lr_scale: auto`` by the data's modality. Pretrained text
+transformers are fine-tuned at about a tenth of the rate that suits a new head
+or a convolutional image trunk (with lr 1e-3, one rate for all, MiniLM's
+encoder drifts and the search loses trials to it); image trunks, often far from
+their pretraining domain, need the full rate. Measurements: docs/search.md."""
+
+
 class SearchSpec(_Model):
     """The search space. Each float is fixed (a number) or searched (a range)."""
 
     backbones: list[Backbone] = Field(min_length=1)
     freeze: FloatParam = FloatRange(low=0.0, high=1.0)
     lr: FloatParam = FloatRange(low=1e-4, high=1e-2, log=True)
+    trunk_lr_scale: FloatParam | Literal["auto"] = Field(
+        "auto",
+        description="the unfrozen trunk's learning rate as a fraction of lr (the new "
+        "head's); auto: 0.1 for text, 1 for images (docs/search.md)",
+    )
     weight_decay: FloatParam = 1e-4
     batch_size: int | list[int] = 32
     alpha: FloatParam = FloatRange(low=0.0, high=0.5)
@@ -272,6 +285,26 @@ class SearchSpec(_Model):
         if lo <= 0:
             raise ValueError(f"learning rate must be > 0, got {lo}")
         return v
+
+    @field_validator("trunk_lr_scale")
+    @classmethod
+    def _trunk_lr_scale(cls, v: FloatParam | str) -> FloatParam | str:
+        if v == "auto":
+            return v
+        lo, hi = (v, v) if isinstance(v, float) else (v.low, v.high)
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(
+                f"trunk_lr_scale is the trunk's share of lr: {lo}..{hi} must lie in (0, 1]; "
+                "1 trains trunk and head at the same rate"
+            )
+        return v
+
+    def trunk_lr_scale_for(self, modality: str) -> FloatParam:
+        """``trunk_lr_scale`` with ``auto`` resolved for the data's modality
+        (:data:`AUTO_TRUNK_LR_SCALE`)."""
+        if self.trunk_lr_scale == "auto":
+            return AUTO_TRUNK_LR_SCALE[modality]
+        return self.trunk_lr_scale
 
     @field_validator("weight_decay")
     @classmethod
@@ -526,7 +559,7 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
 _TYPE_ERRORS = {
     "float_type", "float_parsing", "int_type", "int_parsing", "int_from_float",
     "dict_type", "model_type", "model_attributes_type", "list_type", "string_type",
-    "bool_type", "bool_parsing", "is_instance_of",
+    "bool_type", "bool_parsing", "is_instance_of", "literal_error",
 }
 _SCALAR_TAGS = {"float": "a number", "int": "an integer", "str": "a string",
                 "bool": "true or false", "list[int]": "a list of integers"}
@@ -547,6 +580,8 @@ def _model_named(name: str) -> type[BaseModel] | None:
 def _tag_description(tag: str) -> str:
     if tag in _SCALAR_TAGS:
         return _SCALAR_TAGS[tag]
+    if tag.startswith("literal["):  # literal['auto'] -> 'auto'
+        return " or ".join(tag[len("literal["):].rstrip("]").split(","))
     name = tag.rstrip("]").split(",")[-1].strip() if "[" in tag else tag
     model = _model_named(name)
     if model is not None:

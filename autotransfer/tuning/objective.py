@@ -68,7 +68,10 @@ def suggest_float(trial: optuna.Trial, name: str, space: FloatParam) -> float:
     return trial.suggest_float(name, space, space)
 
 
-PARAM_NAMES = ("backbone", "freeze", "lr", "weight_decay", "batch_size", "retention", "alpha")
+PARAM_NAMES = (
+    "backbone", "freeze", "lr", "trunk_lr_scale", "weight_decay", "batch_size", "retention",
+    "alpha",
+)
 
 
 def sample_params(trial: optuna.Trial, spec: StudySpec) -> TrialParams:
@@ -80,13 +83,16 @@ def sample_params(trial: optuna.Trial, spec: StudySpec) -> TrialParams:
     backbone = trial.suggest_categorical("backbone", [b.key for b in s.backbones])
     freeze = suggest_float(trial, "freeze", s.freeze)
     lr = suggest_float(trial, "lr", s.lr)
+    trunk_lr_scale = suggest_float(
+        trial, "trunk_lr_scale", s.trunk_lr_scale_for(spec.data.modality)
+    )
     weight_decay = suggest_float(trial, "weight_decay", s.weight_decay)
     batch_size = int(trial.suggest_categorical("batch_size", sizes))
     retention = str(trial.suggest_categorical("retention", spec.retention_kinds))
     alpha = suggest_float(trial, "alpha", 0.0 if retention == "none" else s.alpha)
     return TrialParams(
         backbone=backbone, freeze=freeze, lr=lr, weight_decay=weight_decay,
-        batch_size=batch_size, alpha=alpha, retention=retention,
+        batch_size=batch_size, alpha=alpha, retention=retention, trunk_lr_scale=trunk_lr_scale,
     )
 
 

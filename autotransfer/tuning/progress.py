@@ -46,9 +46,13 @@ class Progress:
         device: dict[str, Any] | None = None,
     ) -> None:
         where = f"  on {device_label(device)}" if device else ""
+        trunk = (
+            f" (trunk ×{params.trunk_lr_scale:.2g})"
+            if k < n_blocks and params.trunk_lr_scale != 1.0 else ""
+        )
         self.console.print(
             f"[bold]trial {number}[/] {params.backbone}  freeze {k}/{n_blocks}  "
-            f"lr {params.lr:.2e}  wd {params.weight_decay:.1e}  batch {params.batch_size}  "
+            f"lr {params.lr:.2e}{trunk}  wd {params.weight_decay:.1e}  batch {params.batch_size}  "
             f"α {params.alpha:.2f}{where}"
         )
 
