@@ -7,6 +7,12 @@
    own cost per batch, whole model against the suffix it now runs.
 
     python bench/feature_cache.py [--epochs 3] [--out bench/results/feature_cache.json]
+    python bench/feature_cache.py --teacher-only [--out ...]   # 2. per batch only, at
+                                                               # 6, 9 and 11 of 17 blocks
+
+The teacher's cost is also given as the frozen prefix's share of the whole
+forward's FLOPs (``torch.utils.flop_counter``): the saving to expect, when
+time follows FLOPs.
 
 Writes JSON with the machine (CPU count, load average) beside the numbers.
 """
@@ -77,14 +83,36 @@ def distill(spec, splits, host, epochs: int) -> dict[str, object]:
 
 
 def _teacher_cost(t, splits) -> dict[str, float]:
-    """Median seconds of the teacher on one batch of 32: whole model, suffix only."""
+    """Median seconds of the teacher on one batch of 32: whole model, suffix
+    only; and the prefix's share of the whole forward's FLOPs."""
     teacher, split, point = t.retention.teacher, t.backbone.split, t.point
     x = make_batch(splits.train, slice(0, 32), t.backbone)
     with torch.no_grad():
         state = split.prefix(teacher, x, point)
-        whole = _time(lambda: t.backbone.features(teacher, x))
-        suffix = _time(lambda: split.suffix(teacher, state, point))
-    return {"whole": whole, "suffix": suffix}
+        whole = _time(lambda: t.backbone.features(teacher, x), repeat=15)
+        suffix = _time(lambda: split.suffix(teacher, state, point), repeat=15)
+        share = _flops(lambda: split.prefix(teacher, x, point)) / _flops(
+            lambda: t.backbone.features(teacher, x))
+    return {"whole": whole, "suffix": suffix, "time_saved": round(1 - suffix / whole, 3),
+            "prefix_flops_share": round(share, 3)}
+
+
+def _flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def teacher_only(spec, splits, host) -> dict[str, object]:
+    """The teacher's cost per batch with 6, 9 and 11 of 17 blocks frozen."""
+    out: dict[str, object] = {}
+    s = spec.model_copy(update={"retention": "distill"})
+    for freeze in (6 / 17, 9 / 17, 11 / 17):
+        t = _trainer(s, splits, host, TrialParams(BACKBONE, freeze, 3e-3, 1e-4, 32, 0.3), None)
+        out[f"{t.point}_of_{t.n_blocks}"] = _teacher_cost(t, splits)
+    return out
 
 
 def _time(fn, repeat: int = 5) -> float:
@@ -100,10 +128,15 @@ def _time(fn, repeat: int = 5) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/feature_cache.json"))
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--teacher-only", action="store_true")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: the spec's train.threads, all cores)")
     args = parser.parse_args()
+    args.out = args.out or Path("bench/results/feature_cache"
+                                + ("-teacher" if args.teacher_only else "") + ".json")
     spec = load_spec()
-    torch.set_num_threads(spec.train.threads or os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or spec.train.threads or os.cpu_count() or 1)
     splits, _ = prepare_data(spec)
     host = get_plugin_host()
     result = {
@@ -112,9 +145,13 @@ def main() -> None:
         "study": spec.name,
         "train_images": len(splits.train),
         "image_size": spec.data.image_size,
-        "probe": probe(spec, splits, host, args.epochs),
-        "distill_vs_l2sp": distill(spec, splits, host, max(1, args.epochs - 1)),
+        "threads": torch.get_num_threads(),
     }
+    if args.teacher_only:
+        result["teacher_seconds_per_batch"] = teacher_only(spec, splits, host)
+    else:
+        result["probe"] = probe(spec, splits, host, args.epochs)
+        result["distill_vs_l2sp"] = distill(spec, splits, host, max(1, args.epochs - 1))
     result["machine"]["load_after"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
