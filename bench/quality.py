@@ -72,6 +72,9 @@ FIXED = {
     "finetune": {"freeze": 0.0, "lr": 1.0e-3, "alpha": 0.0, "trunk_lr_scale": 1.0},
     "probe": {"freeze": 1.0, "lr": 1.0e-2, "alpha": 0.0},
 }
+ENSEMBLE_ROW = "search+ensemble"
+"""A greedy ensemble (Caruana et al. 2004) of the search's completed trials,
+chosen on validation, scored on the held-out test (``--ensemble``)."""
 REFIT_ROW = "search+refit"
 """The search arm's pick refit on train + validation (``export --refit``)."""
 TEST_FRACTION = 0.25
@@ -231,6 +234,11 @@ def run_arm(arm: str, ctx: dict[str, Any], budget: int | None = None) -> dict[st
         trials_counted = trials
     search_seconds = time.monotonic() - t0
     test = score(export, ctx["test"])
+    if arm == "search" and ctx.get("ensemble"):
+        ens = ensemble_score(f"sqlite:///{work / 'study.db'}", spec["name"], ctx["test"],
+                             ctx["modality"], work / "held-out")
+    else:
+        ens = {}
     refit: dict[str, Any] = {}
     if arm == "search" and ctx.get("refit"):
         # the same pick refit on train + validation for its best epoch count
@@ -262,6 +270,7 @@ def run_arm(arm: str, ctx: dict[str, Any], budget: int | None = None) -> dict[st
         "load_before": round(load0, 2),
         "load_after": round(os.getloadavg()[0], 2),
         **refit,
+        **ens,
         "trials": [{k: t.get(k) for k in ("number", "state", "value", "params", "epochs_run",
                                           "best_epoch", "pruned_at_epoch", "val_f1")}
                    for t in trials],
@@ -269,6 +278,97 @@ def run_arm(arm: str, ctx: dict[str, Any], budget: int | None = None) -> dict[st
     if not ctx.get("keep"):
         shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def greedy_ensemble(val: list[Any], labels: Any, rounds: int = 10) -> list[int]:
+    """Caruana's greedy selection with replacement: start from the best single
+    member, add the member that most raises the mean-probability ensemble's
+    validation accuracy (ties: lower log-loss), stop when nothing raises it.
+    ``val``: each member's (n, classes) probabilities. Returns member indexes
+    (repeats weight a member)."""
+    import torch
+
+    def key(members: list[int]) -> tuple[float, float]:
+        p = torch.stack([val[i] for i in members]).mean(0)
+        acc = float((p.argmax(1) == labels).float().mean())
+        nll = float(-p.clamp_min(1e-12).log().gather(1, labels[:, None]).mean())
+        return acc, -nll
+
+    chosen = [max(range(len(val)), key=lambda i: key([i]))]
+    best = key(chosen)
+    for _ in range(rounds - 1):
+        i, k = max(((i, key([*chosen, i])) for i in range(len(val))), key=lambda t: t[1])
+        if k <= best:
+            break
+        chosen, best = [*chosen, i], k
+    return chosen
+
+
+def ensemble_score(storage: str, study_name: str, test: list[tuple[str, str]], modality: str,
+                   folder: Path) -> dict[str, Any]:
+    """The search's completed trials reloaded from their checkpoints; a greedy
+    ensemble chosen on the study's own validation split, scored on the
+    held-out test. Only members with the pick's preprocessing (one input
+    pipeline, as an exported model would need)."""
+    import optuna
+    import torch
+
+    from autotransfer.data.batches import forward, make_batch
+    from autotransfer.data.datasets import load_dataset
+    from autotransfer.plugins.host import get_plugin_host
+    from autotransfer.store.checkpoints import load_trial_backbone
+    from autotransfer.store.records import ARTIFACTS_ATTR, PREPROCESSING_ATTR
+    from autotransfer.store.storage import artifact_store
+    from autotransfer.store.studies import load_study, stored_spec
+    from autotransfer.tuning.search import prepare_data
+
+    study = load_study(storage, study_name)
+    spec = stored_spec(study)
+    splits, _ = prepare_data(spec)
+    held = write_pool(modality, test, folder)
+    held_set = load_dataset(spec.data.model_copy(update={"path": str(held)}))
+    if list(held_set.classes) != list(splits.classes):
+        raise RuntimeError(f"held-out classes {held_set.classes} != {splits.classes}")
+    store = artifact_store(Path(study.user_attrs[ARTIFACTS_ATTR]))
+    host = get_plugin_host()
+    best = study.best_trial
+    same = best.user_attrs.get(PREPROCESSING_ATTR)
+    members = [t for t in study.get_trials(deepcopy=False,
+                                           states=(optuna.trial.TrialState.COMPLETE,))
+               if t.user_attrs.get(PREPROCESSING_ATTR) == same]
+
+    def probs(backbone: Any, data: Any) -> Any:
+        model = backbone.model.eval()
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(data), 128):
+                x = make_batch(data, slice(i, i + 128), backbone)
+                out.append(torch.softmax(forward(model, x).float(), 1))
+        return torch.cat(out)
+
+    val_p, test_p = [], []
+    for t in members:
+        b = load_trial_backbone(t, host, store, num_classes=len(splits.classes),
+                                image_size=spec.data.image_size, listed=spec.search.backbones)
+        val_p.append(probs(b, splits.val))
+        test_p.append(probs(b, held_set))
+    chosen = greedy_ensemble(val_p, splits.val.labels)
+    p = torch.stack([test_p[i] for i in chosen]).mean(0)
+    pred, truth = p.argmax(1), held_set.labels
+    f1s = []
+    for c in range(len(splits.classes)):
+        tp = int(((pred == c) & (truth == c)).sum())
+        fp = int(((pred == c) & (truth != c)).sum())
+        fn = int(((pred != c) & (truth == c)).sum())
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    pv = torch.stack([val_p[i] for i in chosen]).mean(0)
+    return {
+        "ensemble_members": [members[i].number for i in chosen],
+        "ensemble_candidates": len(members),
+        "ensemble_val_accuracy": float((pv.argmax(1) == splits.val.labels).float().mean()),
+        "ensemble_test_accuracy": float((pred == truth).float().mean()),
+        "ensemble_test_macro_f1": sum(f1s) / len(f1s),
+    }
 
 
 def prepare_set(name: str, folder: Path, work: Path) -> dict[str, Any]:
@@ -290,14 +390,15 @@ def prepare_set(name: str, folder: Path, work: Path) -> dict[str, Any]:
 def run_seed(prepared: dict[str, Any], seed: int, arms: list[str], work: Path, epochs: int,
              image_size: int, n_trials: int, backbones: dict[str, str], keep: bool = False,
              log: Any = print, on_run: Any = None, threads: int | None = None,
-             refit: bool = True) -> None:
+             refit: bool = True, ensemble: bool = False) -> None:
     """Every arm on one prepared set and seed; runs are appended to it. With
     ``refit``, the search arm's pick is also refit on train + validation and
     scored (``refit_test_*``: the ``search+refit`` row)."""
     ctx = {"set": prepared["name"], "seed": seed, "work": work, "data": prepared["data"],
            "modality": prepared["modality"], "backbone": backbones[prepared["modality"]],
            "epochs": epochs, "image_size": image_size, "n_trials": n_trials,
-           "test": prepared["test"], "keep": keep, "threads": threads, "refit": refit}
+           "test": prepared["test"], "keep": keep, "threads": threads, "refit": refit,
+           "ensemble": ensemble}
     budget = None
     for arm in arms:
         if arm == "random" and budget is None:
@@ -312,7 +413,9 @@ def run_seed(prepared: dict[str, Any], seed: int, arms: list[str], work: Path, e
             f"{r['n_trials']} trials {r['epochs_trained']} epochs  {r['wall_seconds']:.0f}s"
             f"  load {r['load_before']:.1f}"
             + (f"  refit: test acc {r['refit_test_accuracy']:.3f}" if "refit_test_accuracy" in r
-               else ""))
+               else "")
+            + (f"  ensemble of {len(r['ensemble_members'])}: test acc "
+               f"{r['ensemble_test_accuracy']:.3f}" if "ensemble_test_accuracy" in r else ""))
         if on_run:
             on_run()
 
@@ -327,12 +430,13 @@ def public(prepared: dict[str, Any], arms: list[str], backbones: dict[str, str]
 
 def run_set(name: str, folder: Path, seeds: list[int], arms: list[str], work: Path,
             epochs: int, image_size: int, n_trials: int, backbones: dict[str, str],
-            keep: bool = False, log: Any = print, refit: bool = True) -> dict[str, Any]:
+            keep: bool = False, log: Any = print, refit: bool = True, ensemble: bool = False
+            ) -> dict[str, Any]:
     """Every seed and arm on one set (the test's entry point)."""
     prepared = prepare_set(name, folder, work)
     for seed in seeds:
         run_seed(prepared, seed, arms, work, epochs, image_size, n_trials, backbones, keep, log,
-                 refit=refit)
+                 refit=refit, ensemble=ensemble)
     return public(prepared, arms, backbones)
 
 
@@ -353,6 +457,16 @@ def summarise(runs: list[dict[str, Any]], arms: list[str]) -> dict[str, Any]:
             "epochs_trained": ms([r["epochs_trained"] for r in rs]),
             "wall_seconds": ms([r["wall_seconds"] for r in rs]),
             "seeds": len(rs),
+        }
+    ensembles = [r for r in runs if r["arm"] == "search" and "ensemble_test_accuracy" in r]
+    if ensembles:
+        out[ENSEMBLE_ROW] = {
+            "test_accuracy": ms([r["ensemble_test_accuracy"] for r in ensembles]),
+            "test_macro_f1": ms([r["ensemble_test_macro_f1"] for r in ensembles]),
+            "val_accuracy": ms([r["ensemble_val_accuracy"] for r in ensembles]),
+            "epochs_trained": ms([r["epochs_trained"] for r in ensembles]),
+            "wall_seconds": ms([r["wall_seconds"] for r in ensembles]),
+            "seeds": len(ensembles),
         }
     refits = [r for r in runs if r["arm"] == "search" and "refit_test_accuracy" in r]
     if refits:
@@ -411,10 +525,12 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{m['test_accuracy']['std']:.3f} | {m['test_macro_f1']['mean']:.3f} ± "
                 f"{m['test_macro_f1']['std']:.3f} | {m['val_accuracy']['mean']:.3f} | "
                 f"{m['epochs_trained']['mean']:.0f} | {m['wall_seconds']['mean']:.0f} |")
-    has_refit = any(REFIT_ROW in s["summary"] for s in report["sets"])
+    extra = [(row, field) for row, field in ((REFIT_ROW, "refit_test_accuracy"),
+                                             (ENSEMBLE_ROW, "ensemble_test_accuracy"))
+             if any(row in s["summary"] for s in report["sets"])]
     lines += ["", "## Per seed (test accuracy; picked trial's val accuracy in brackets)", "",
-              "| set | seed | " + " | ".join(report["arms"] + [REFIT_ROW] * has_refit) + " |",
-              "|---|---|" + "---|" * (len(report["arms"]) + has_refit)]
+              "| set | seed | " + " | ".join(report["arms"] + [row for row, _ in extra]) + " |",
+              "|---|---|" + "---|" * (len(report["arms"]) + len(extra))]
     for s in report["sets"]:
         for seed in report["seeds"]:
             cells = []
@@ -422,10 +538,10 @@ def markdown(report: dict[str, Any]) -> str:
                 r = next((r for r in s["runs"] if r["seed"] == seed and r["arm"] == arm), None)
                 cells.append("-" if r is None else
                              f"{r['test_accuracy']:.3f} ({r['picked_val_accuracy']:.3f})")
-            if has_refit:
+            for _, field in extra:
                 r = next((r for r in s["runs"] if r["seed"] == seed and r["arm"] == "search"
-                          and "refit_test_accuracy" in r), None)
-                cells.append("-" if r is None else f"{r['refit_test_accuracy']:.3f}")
+                          and field in r), None)
+                cells.append("-" if r is None else f"{r[field]:.3f}")
             lines.append(f"| {s['name']} | {seed} | " + " | ".join(cells) + " |")
     lines += ["", "## Targets (issue 15), from the means above", ""]
     lines += targets(report)
@@ -452,6 +568,13 @@ def targets(report: dict[str, Any]) -> list[str]:
         vs_random = "met" if acc["search"] >= acc["random"] else "MISSED"
         lines.append(f"- {s['name']}: search {acc['search']:.3f} vs better hand baseline "
                      f"{hand:.3f} ({vs_hand}), vs random {acc['random']:.3f} ({vs_random})")
+    ensemble_gains = [s["summary"][ENSEMBLE_ROW]["test_accuracy"]["mean"]
+                      - s["summary"]["search"]["test_accuracy"]["mean"]
+                      for s in report["sets"] if ENSEMBLE_ROW in s["summary"]]
+    if ensemble_gains:
+        lines.append("- greedy ensemble vs the search's single pick: "
+                     + ", ".join(f"{100 * g:+.1f}" for g in ensemble_gains)
+                     + f" points (mean {100 * statistics.fmean(ensemble_gains):+.1f})")
     refit_gains = [s["summary"][REFIT_ROW]["test_accuracy"]["mean"]
                    - s["summary"]["search"]["test_accuracy"]["mean"]
                    for s in report["sets"] if REFIT_ROW in s["summary"]]
@@ -525,6 +648,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep studies and exports")
     parser.add_argument("--no-refit", dest="refit", action="store_false",
                         help="skip refitting the search's pick on train + validation")
+    parser.add_argument("--ensemble", action="store_true",
+                        help="also score a greedy ensemble of the search's completed trials "
+                        "(chosen on validation; the search+ensemble row)")
     parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
                         help="merge result files of runs made side by side (e.g. one per "
                         "set) into quality-NAME.json/.md; runs nothing")
@@ -582,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"== {p['name']} seed {seed}", flush=True)
             run_seed(p, seed, args.arms, work, args.epochs, args.image_size, args.n_trials,
                      backbones, args.keep, log=lambda s: print(s, flush=True), on_run=write,
-                     threads=args.threads, refit=args.refit)
+                     threads=args.threads, refit=args.refit, ensemble=args.ensemble)
     report = write()
     print(markdown(report))
     print(f"wrote {stem}.json and .md")

@@ -86,7 +86,7 @@ def test_harness_arms_on_a_tiny_set(tmp_path: Path, make_images) -> None:
     result = quality.run_set(
         "tiny", folder, seeds=[0], arms=quality.ARMS, work=tmp_path / "work", epochs=2,
         image_size=32, n_trials=3, backbones={"image": TINY_BACKBONE, "text": "-"},
-        log=lambda _: None)
+        log=lambda _: None, ensemble=True)
     runs = {r["arm"]: r for r in result["runs"]}
     assert set(runs) == set(quality.ARMS)
     assert result["n_test"] == 15 and result["n_pool"] == 45
@@ -103,8 +103,14 @@ def test_harness_arms_on_a_tiny_set(tmp_path: Path, make_images) -> None:
         assert 0.0 <= r["test_accuracy"] <= 1.0 and r["test_n"] == 15
     # the search's pick, refit on train + validation, scored on the same test set
     assert 0.0 <= runs["search"]["refit_test_accuracy"] <= 1.0
+    # a greedy ensemble of the search's completed trials, reloaded from checkpoints
+    search = runs["search"]
+    complete = {t["number"] for t in search["trials"] if t["state"] == "COMPLETE"}
+    assert set(search["ensemble_members"]) <= complete and search["ensemble_candidates"] >= 1
+    assert search["ensemble_val_accuracy"] >= search["picked_val_accuracy"]  # starts from it
+    assert 0.0 <= search["ensemble_test_accuracy"] <= 1.0
     summary = result["summary"]
-    assert set(summary) == {*quality.ARMS, quality.REFIT_ROW}
+    assert set(summary) == {*quality.ARMS, quality.REFIT_ROW, quality.ENSEMBLE_ROW}
     assert summary["search"]["seeds"] == 1
     report = {"name": "t", "machine": "m", "commit": "c", "started": "s", "wall_minutes": 1.0,
               "load_min": 0.0, "load_max": 1.0, "command": "x", "seeds": [0],
@@ -113,6 +119,7 @@ def test_harness_arms_on_a_tiny_set(tmp_path: Path, make_images) -> None:
     md = quality.markdown(report)
     assert "| tiny | search |" in md and "over all sets" in md
     assert "| tiny | search+refit |" in md and "refit on train + validation vs" in md
+    assert "| tiny | search+ensemble |" in md and "greedy ensemble vs" in md
     # runs made side by side merge into one report, summarised again
     halves = []
     for arms in (quality.ARMS[:2], quality.ARMS[2:]):
@@ -129,3 +136,17 @@ def test_text_pool_is_a_csv(tmp_path: Path) -> None:
     path = quality.write_pool("text", rows, tmp_path / "p")
     with path.open(encoding="utf-8", newline="") as f:
         assert [(r["text"], r["label"]) for r in csv.DictReader(f)] == rows
+
+
+def test_greedy_ensemble_adds_a_member_only_when_validation_improves() -> None:
+    import torch
+
+    labels = torch.tensor([0, 0, 1, 1])
+    # a: right on 0, 1, 2 (wrong on 3); b: right on 1, 2, 3; c: confidently wrong everywhere
+    a = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.1, 0.9], [0.55, 0.45]])
+    b = torch.tensor([[0.4, 0.6], [0.9, 0.1], [0.1, 0.9], [0.1, 0.9]])
+    c = torch.tensor([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
+    chosen = quality.greedy_ensemble([c, a, b], labels)
+    assert chosen[0] == 1  # a: 3 of 4, the lower log-loss of the two tied singles
+    assert set(chosen) == {1, 2}  # a + b: 4 of 4 (a repeat weights a member); c never helps
+    assert quality.greedy_ensemble([c, c], labels) == [0]  # nothing beats the first
