@@ -70,7 +70,21 @@ def test_refit_trains_on_train_and_val_and_reports_its_test_metrics(
     assert "test, this refit model" in card and "test, trial" in card
 
 
-def test_default_export_holds_the_trial_weights(tiny: TinyExport) -> None:
+def test_refit_is_the_default(tiny: TinyExport, tmp_path: Path) -> None:
+    """A spec that says nothing refits; the stored spec's own choice wins."""
+    from autotransfer.spec.model import ExportSpec
+
+    assert ExportSpec().refit is True
+    stored = tiny.study.user_attrs[SPEC_ATTR]
+    tiny.study.set_user_attr(SPEC_ATTR, {k: v for k, v in stored.items() if k != "export"})
+    try:
+        result = export_trial(tiny.study, tmp_path / "default")
+    finally:
+        tiny.study.set_user_attr(SPEC_ATTR, stored)
+    assert result.refit and result.config["model"]["kind"] == "refit"
+
+
+def test_no_refit_export_holds_the_trial_weights(tiny: TinyExport) -> None:
     c = json.loads((tiny.export / "config.json").read_text())
     best = tiny.study.best_trial
     assert c["model"] == {

@@ -31,7 +31,7 @@ def export(
             "--refit/--no-refit",
             help="Export a model trained again on train + validation with the trial's "
             "parameters, seed and best epoch count (test metrics computed for it), or the "
-            "trial's own checkpoint; default: the study spec's export.refit (off).",
+            "trial's own checkpoint; default: the study spec's export.refit (on).",
             show_default=False,
         ),
     ] = None,

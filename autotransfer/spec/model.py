@@ -448,10 +448,10 @@ class SamplerSpec(_Model):
 
 class ExportSpec(_Model):
     refit: bool = Field(
-        False,
+        True,
         description="export a model refit on train + validation with the chosen trial's "
-        "parameters, seed and best epoch count, instead of the trial's own weights "
-        "(docs/search.md, docs/export.md)",
+        "parameters, seed and best epoch count, instead of the trial's own weights; on by "
+        "default, measured in docs/search.md (docs/export.md)",
     )
 
 
