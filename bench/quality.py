@@ -73,8 +73,9 @@ FIXED = {
     "probe": {"freeze": 1.0, "lr": 1.0e-2, "alpha": 0.0},
 }
 ENSEMBLE_ROW = "search+ensemble"
-"""A greedy ensemble (Caruana et al. 2004) of the search's completed trials,
-chosen on validation, scored on the held-out test (``--ensemble``)."""
+"""A greedy ensemble of the search's completed trials (the selection of
+``autotransfer export --ensemble``), chosen on validation, scored on the
+held-out test (``--ensemble``)."""
 REFIT_ROW = "search+refit"
 """The search arm's pick refit on train + validation (``export --refit``)."""
 TEST_FRACTION = 0.25
@@ -280,46 +281,23 @@ def run_arm(arm: str, ctx: dict[str, Any], budget: int | None = None) -> dict[st
     return out
 
 
-def greedy_ensemble(val: list[Any], labels: Any, rounds: int = 10) -> list[int]:
-    """Caruana's greedy selection with replacement: start from the best single
-    member, add the member that most raises the mean-probability ensemble's
-    validation accuracy (ties: lower log-loss), stop when nothing raises it.
-    ``val``: each member's (n, classes) probabilities. Returns member indexes
-    (repeats weight a member)."""
-    import torch
-
-    def key(members: list[int]) -> tuple[float, float]:
-        p = torch.stack([val[i] for i in members]).mean(0)
-        acc = float((p.argmax(1) == labels).float().mean())
-        nll = float(-p.clamp_min(1e-12).log().gather(1, labels[:, None]).mean())
-        return acc, -nll
-
-    chosen = [max(range(len(val)), key=lambda i: key([i]))]
-    best = key(chosen)
-    for _ in range(rounds - 1):
-        i, k = max(((i, key([*chosen, i])) for i in range(len(val))), key=lambda t: t[1])
-        if k <= best:
-            break
-        chosen, best = [*chosen, i], k
-    return chosen
-
-
 def ensemble_score(storage: str, study_name: str, test: list[tuple[str, str]], modality: str,
                    folder: Path) -> dict[str, Any]:
     """The search's completed trials reloaded from their checkpoints; a greedy
     ensemble chosen on the study's own validation split, scored on the
     held-out test. Only members with the pick's preprocessing (one input
-    pipeline, as an exported model would need)."""
+    pipeline), with the selection rule of ``autotransfer export --ensemble``
+    (:mod:`autotransfer.tuning.ensemble`)."""
     import optuna
     import torch
 
-    from autotransfer.data.batches import forward, make_batch
     from autotransfer.data.datasets import load_dataset
     from autotransfer.plugins.host import get_plugin_host
     from autotransfer.store.checkpoints import load_trial_backbone
     from autotransfer.store.records import ARTIFACTS_ATTR, PREPROCESSING_ATTR
     from autotransfer.store.storage import artifact_store
     from autotransfer.store.studies import load_study, stored_spec
+    from autotransfer.tuning.ensemble import greedy_selection, probabilities
     from autotransfer.tuning.search import prepare_data
 
     study = load_study(storage, study_name)
@@ -337,22 +315,13 @@ def ensemble_score(storage: str, study_name: str, test: list[tuple[str, str]], m
                                            states=(optuna.trial.TrialState.COMPLETE,))
                if t.user_attrs.get(PREPROCESSING_ATTR) == same]
 
-    def probs(backbone: Any, data: Any) -> Any:
-        model = backbone.model.eval()
-        out = []
-        with torch.no_grad():
-            for i in range(0, len(data), 128):
-                x = make_batch(data, slice(i, i + 128), backbone)
-                out.append(torch.softmax(forward(model, x).float(), 1))
-        return torch.cat(out)
-
     val_p, test_p = [], []
     for t in members:
         b = load_trial_backbone(t, host, store, num_classes=len(splits.classes),
                                 image_size=spec.data.image_size, listed=spec.search.backbones)
-        val_p.append(probs(b, splits.val))
-        test_p.append(probs(b, held_set))
-    chosen = greedy_ensemble(val_p, splits.val.labels)
+        val_p.append(probabilities(b, splits.val))
+        test_p.append(probabilities(b, held_set))
+    chosen = greedy_selection(val_p, splits.val.labels)
     p = torch.stack([test_p[i] for i in chosen]).mean(0)
     pred, truth = p.argmax(1), held_set.labels
     f1s = []
@@ -589,6 +558,16 @@ def targets(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def portable(arg: str) -> str:
+    """A command-line argument as the results may show it: a path inside the
+    repository relative to it, any other absolute path as ``DIR`` (the
+    results must not name the machine's own folders)."""
+    if not arg.startswith("/"):
+        return arg
+    path = Path(arg).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else "DIR"
+
+
 def merge(reports: list[dict[str, Any]], name: str) -> dict[str, Any]:
     """One report from several made side by side with the same settings (each
     process on its own sets or seeds): runs of a set are pooled and summarised
@@ -691,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
             "name": args.name, "machine": machine(), "commit": git_commit(),
             "started": started, "wall_minutes": (time.monotonic() - t0) / 60,
             "command": "python bench/quality.py " + " ".join(
-                argv if argv is not None else sys.argv[1:]),
+                portable(a) for a in (argv if argv is not None else sys.argv[1:])),
             "seeds": args.seeds, "arms": args.arms, "epochs": args.epochs,
             "image_size": args.image_size, "n_trials": args.n_trials,
             "per_class": args.per_class, "threads": args.threads, "test_fraction": TEST_FRACTION,

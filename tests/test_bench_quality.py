@@ -138,15 +138,7 @@ def test_text_pool_is_a_csv(tmp_path: Path) -> None:
         assert [(r["text"], r["label"]) for r in csv.DictReader(f)] == rows
 
 
-def test_greedy_ensemble_adds_a_member_only_when_validation_improves() -> None:
-    import torch
-
-    labels = torch.tensor([0, 0, 1, 1])
-    # a: right on 0, 1, 2 (wrong on 3); b: right on 1, 2, 3; c: confidently wrong everywhere
-    a = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.1, 0.9], [0.55, 0.45]])
-    b = torch.tensor([[0.4, 0.6], [0.9, 0.1], [0.1, 0.9], [0.1, 0.9]])
-    c = torch.tensor([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
-    chosen = quality.greedy_ensemble([c, a, b], labels)
-    assert chosen[0] == 1  # a: 3 of 4, the lower log-loss of the two tied singles
-    assert set(chosen) == {1, 2}  # a + b: 4 of 4 (a repeat weights a member); c never helps
-    assert quality.greedy_ensemble([c, c], labels) == [0]  # nothing beats the first
+def test_the_recorded_command_names_no_folder_of_the_machine(tmp_path: Path) -> None:
+    assert quality.portable("--per-class") == "--per-class"
+    assert quality.portable(str(tmp_path / "work")) == "DIR"
+    assert quality.portable(str(quality.ROOT / "bench" / "data")) == "bench/data"

@@ -242,3 +242,14 @@ def test_text_refit_export(text_export: TextExport, tmp_path: Path) -> None:
     assert c["metrics"]["test"]["n"] == 3 * 3 and "trial_test" in c["metrics"]
     assert c["verification"]["onnx_max_abs_diff"] <= 1e-3
     assert "(27 texts)" in (result.path / "README.md").read_text()
+
+
+def test_a_text_ensemble_exports_and_predicts(text_export: TextExport, tmp_path: Path) -> None:
+    """The ensemble wrapper traces with (input_ids, attention_mask) like one model."""
+    import autotransfer
+    from autotransfer.export.writer import export_trial
+
+    result = export_trial(text_export.study, tmp_path / "ens", ensemble=True)
+    assert result.config["model"]["kind"] == "ensemble"
+    got = autotransfer.load(result.path).predict(HELD_OUT, top_k=2)
+    assert len(got) == len(HELD_OUT) and all(len(p.top_k) == 2 for p in got)

@@ -35,6 +35,17 @@ def export(
             show_default=False,
         ),
     ] = None,
+    ensemble: Annotated[
+        bool | None,
+        typer.Option(
+            "--ensemble/--no-ensemble",
+            help="Export a greedy ensemble of the completed trials (chosen on validation, "
+            "from their checkpoints; one model averaging their probabilities, each member "
+            "runs at inference) instead of one trial; default: the spec's export.ensemble "
+            "(off).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Export a trial (the best by default) from its checkpoint, or refit on train + val.
 
@@ -46,7 +57,8 @@ def export(
     from autotransfer.store.studies import load_study
 
     study = load_study(storage, study_name)
-    result = export_trial(study, out_dir, trial, force=force, message=_stderr, refit=refit)
+    result = export_trial(study, out_dir, trial, force=force, message=_stderr, refit=refit,
+                          ensemble=ensemble)
     print_export(result)
 
 
@@ -60,10 +72,12 @@ def print_export(result: object) -> None:
     test = config["metrics"]["test"] or {}
     acc = test.get("accuracy")
     held = config["model"]
-    what = (
-        f"refit on train+val for {held['epochs']} epochs" if held["kind"] == "refit"
-        else "trial weights"
-    )
+    if held["kind"] == "ensemble":
+        what = "ensemble of trials " + ", ".join(str(m["trial"]) for m in held["members"])
+    elif held["kind"] == "refit":
+        what = f"refit on train+val for {held['epochs']} epochs"
+    else:
+        what = "trial weights"
     trial_acc = (config["metrics"].get("trial_test") or {}).get("accuracy")
     typer.echo(
         f"exported trial {result.trial} ({result.backbone}, {what}) to {result.path}: "  # type: ignore[attr-defined]

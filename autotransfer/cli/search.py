@@ -165,14 +165,17 @@ def search(
     if export is not None:
         from autotransfer.export.writer import export_trial
 
+        ensemble = resolved.export.ensemble
         done = export_trial(
-            outcome.study, export, outcome.best.number,
+            outcome.study, export, None if ensemble else outcome.best.number,
             message=lambda m: typer.echo(m, err=True), refit=resolved.export.refit,
+            ensemble=ensemble,
         )
         acc = (done.config["metrics"]["test"] or {}).get("accuracy")
+        held = ("ensemble" if done.ensemble
+                else "refit on train+val" if done.refit else "trial weights")
         typer.echo(
-            f"exported trial {done.trial} "
-            f"({'refit on train+val' if done.refit else 'trial weights'}) to {done.path}"
+            f"exported trial {done.trial} ({held}) to {done.path}"
             + (f": test_acc {acc:.3f}" if acc is not None else ""),
             err=True,
         )

@@ -54,7 +54,23 @@ def model_card(config: dict[str, Any]) -> str:
     val_row = f"| {_fmt(val['accuracy'])} | {_fmt(val['macro_f1'])} | |"
     held = c.get("model") or {"kind": "trial", "epochs": t["best_epoch"]}
     test_row = _metrics_row(test)
-    if held["kind"] == "refit":
+    if held["kind"] == "ensemble":
+        members = ", ".join(
+            f"trial {m['trial']}" + (f" (x{m['weight']})" if m["weight"] > 1 else "")
+            for m in held["members"]
+        )
+        held_line = (
+            f"The model is an **ensemble**: the mean of the class probabilities of {members}, "
+            "each from its best checkpoint, chosen greedily on the validation split "
+            f"(validation accuracy {_fmt(held['val_accuracy'])}). Inference runs every member."
+        )
+        rows = (
+            f"| validation (trial {t['number']}'s checkpoint, the best single trial) {val_row}\n"
+            f"| test, this ensemble (held out) {test_row}\n"
+            f"| test, trial {t['number']}'s checkpoint "
+            f"{_metrics_row(c['metrics'].get('trial_test') or {})}\n"
+        )
+    elif held["kind"] == "refit":
         held_line = (
             f"The weights are a **refit**: trial {t['number']}'s model trained again with its "
             f"parameters and seed on train + validation ({held['train_examples']} {noun}) "

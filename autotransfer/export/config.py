@@ -110,7 +110,8 @@ def build_config(
         "metrics": {
             "val": {"accuracy": trial.value, "macro_f1": attrs.get(VAL_F1_ATTR)},
             "test": test,
-            **({"trial_test": trial_test} if held and held["kind"] == "refit" else {}),
+            **({"trial_test": trial_test}
+               if held and held["kind"] in ("refit", "ensemble") else {}),
         },
         "data": fields["data"],
         "study": _study_summary(study),

@@ -32,6 +32,7 @@ from typing import Any
 import optuna
 import torch
 
+from autotransfer.engine.trainer import evaluate
 from autotransfer.exceptions import ExportError, StorageError
 from autotransfer.export.card import model_card
 from autotransfer.export.choose import choose_trial, classes_and_test, refit_data
@@ -60,6 +61,7 @@ from autotransfer.store.checkpoints import load_trial_backbone
 from autotransfer.store.records import ARTIFACTS_ATTR, BEST_EPOCH_ATTR
 from autotransfer.store.storage import artifact_store
 from autotransfer.store.studies import stored_spec
+from autotransfer.tuning.ensemble import select_ensemble
 from autotransfer.tuning.refit import refit_trial
 
 TRACE_TEXTS = ("a short text", "a somewhat longer text to trace the model with")
@@ -74,6 +76,7 @@ class ExportResult:
     backbone: str
     config: dict[str, Any]
     refit: bool = False
+    ensemble: bool = False
 
 
 def check_target(out_dir: Path, force: bool = False) -> None:
@@ -115,6 +118,7 @@ def export_trial(
     force: bool = False,
     message: Any = None,
     refit: bool | None = None,
+    ensemble: bool | None = None,
 ) -> ExportResult:
     """Export trial ``trial_number`` (default: the best) of ``study`` to ``out_dir``.
 
@@ -127,6 +131,9 @@ def export_trial(
         refit: export a model refit on train + validation
             (:func:`autotransfer.tuning.refit.refit_trial`) instead of the trial's
             checkpoint; None: the study spec's ``export.refit``.
+        ensemble: export a greedy ensemble of the study's completed trials
+            (:mod:`autotransfer.tuning.ensemble`), chosen on validation, from
+            their checkpoints (no refit); None: the spec's ``export.ensemble``.
 
     Raises:
         ExportError: ``out_dir`` cannot be written.
@@ -145,13 +152,30 @@ def export_trial(
         raise StorageError(f"study '{study.study_name}' records no artifact directory")
     store = artifact_store(Path(artifacts))
     host = get_plugin_host()
-    refit = spec.export.refit if refit is None else refit
-    data = refit_data(spec) if refit else None
+    ensemble = spec.export.ensemble if ensemble is None else ensemble
+    if ensemble and trial_number is not None:
+        raise ExportError(
+            f"--trial {trial_number} and --ensemble exclude each other: an ensemble is chosen "
+            "from all completed trials; drop one of them"
+        )
+    refit = (spec.export.refit if refit is None else refit) and not ensemble
+    data = refit_data(spec) if refit or ensemble else None
     classes, test = classes_and_test(
         study, trial, spec, host, store, say, data[0] if data else None
     )
     trial_test = None
-    if data is not None:
+    if ensemble:
+        assert data is not None
+        chosen = select_ensemble(study, trial, spec, host, store, data[0].val, say=say)
+        backbone = chosen.backbone
+        trial_test = test
+        test = evaluate(backbone, data[0].test, spec.train.eval_batch_size).record(classes)
+        held = {"kind": "ensemble", "trained_on": "train", "members": chosen.members,
+                "val_accuracy": chosen.val_accuracy}
+        say(f"export: ensemble of trials "
+            f"{', '.join(str(m['trial']) for m in chosen.members)}: val_acc "
+            f"{chosen.val_accuracy:.3f}, test_acc {test['accuracy']:.3f}")
+    elif data is not None:
         refitted = refit_trial(trial, spec, host, store, data[0], data[1], message=say)
         backbone, trial_test, test = refitted.backbone, test, refitted.test
         held = {
@@ -187,7 +211,8 @@ def export_trial(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     say(f"export: wrote {out_dir}")
-    return ExportResult(out_dir, trial.number, backbone.name, config, refit=data is not None)
+    return ExportResult(out_dir, trial.number, backbone.name, config, refit=refit,
+                        ensemble=ensemble)
 
 
 def write_programs(

@@ -453,6 +453,11 @@ class ExportSpec(_Model):
         "parameters, seed and best epoch count, instead of the trial's own weights; on by "
         "default, measured in docs/search.md (docs/export.md)",
     )
+    ensemble: bool = Field(
+        False,
+        description="export a greedy ensemble of the completed trials, chosen on validation "
+        "(one model averaging the members' probabilities; docs/export.md); instead of refit",
+    )
 
 
 RetentionKind = Literal["none", "distill", "l2sp", "source"]

@@ -30,7 +30,7 @@ RESUMABLE_FIELDS = {
     "sampler.try_each_backbone", "sampler.portfolio",  # read only when the study is created
     # Where and how fast trials run, not what they compute:
     "train.device", "train.precision", "train.channels_last", "train.compile",
-    "export.refit",  # read only by export, after the trials
+    "export.refit", "export.ensemble",  # read only by export, after the trials
 }
 
 

@@ -1,0 +1,132 @@
+"""A greedy ensemble of a study's completed trials, exported as one model.
+
+Selection (Caruana et al., "Ensemble selection from libraries of models",
+2004): start from the best single trial on validation, then repeatedly add
+(with replacement: a repeat weights a member) the trial that most raises the
+validation accuracy of the members' mean softmax (ties: the lower log-loss);
+stop when nothing raises it or after ``rounds`` additions. Only trials with
+the best trial's input pipeline (the ``preprocessing`` attribute: image size
+and normalisation, or the tokenizer) are candidates, so the ensemble takes
+the same input as any single trial's export.
+
+:class:`EnsembleModel` returns the log of the members' weighted mean softmax:
+"logits" whose softmax is the ensemble's probabilities, so the export's
+programs, parity checks and ``predict`` treat it as one model.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, replace
+from typing import Any
+
+import optuna
+import torch
+from torch import nn
+
+from autotransfer.backbones import Backbone
+from autotransfer.data.batches import forward, make_batch
+from autotransfer.data.datasets import Dataset
+from autotransfer.plugins.host import PluginHost
+from autotransfer.spec.model import StudySpec
+from autotransfer.store.checkpoints import load_trial_backbone
+from autotransfer.store.records import PREPROCESSING_ATTR
+
+
+class EnsembleModel(nn.Module):
+    """``log(Σ w_i softmax(member_i(x)))`` for members with the same inputs."""
+
+    def __init__(self, members: list[nn.Module], weights: list[float]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        total = float(sum(weights))
+        self.register_buffer("weights", torch.tensor([w / total for w in weights]))
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        probs = [
+            self.weights[i] * torch.softmax(m(*args, **kwargs).float(), dim=1)
+            for i, m in enumerate(self.members)
+        ]
+        return torch.log(torch.stack(probs).sum(0).clamp_min(1e-12))
+
+
+@dataclass(frozen=True)
+class Ensemble:
+    """The selected members and the model that averages them."""
+
+    backbone: Backbone
+    """The best trial's backbone with :class:`EnsembleModel` as its ``model``."""
+    members: list[dict[str, Any]]
+    """``{"trial": number, "weight": count}`` in selection order of first use."""
+    val_accuracy: float
+    """The ensemble's validation accuracy (the selection's score)."""
+
+
+def probabilities(backbone: Backbone, data: Dataset, batch_size: int = 256) -> torch.Tensor:
+    """Softmax of ``backbone`` on every row of ``data`` (eval mode, CPU)."""
+    model = backbone.model.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(data), batch_size):
+            x = make_batch(data, slice(i, i + batch_size), backbone)
+            out.append(torch.softmax(forward(model, x).float(), dim=1))
+    return torch.cat(out)
+
+
+def greedy_selection(val: list[torch.Tensor], labels: torch.Tensor, rounds: int = 10) -> list[int]:
+    """Indexes into ``val`` (each member's (n, classes) probabilities) chosen
+    greedily with replacement; see the module docstring."""
+
+    def score(chosen: list[int]) -> tuple[float, float]:
+        p = torch.stack([val[i] for i in chosen]).mean(0)
+        accuracy = float((p.argmax(1) == labels).float().mean())
+        nll = float(-p.clamp_min(1e-12).log().gather(1, labels[:, None]).mean())
+        return accuracy, -nll
+
+    chosen = [max(range(len(val)), key=lambda i: score([i]))]
+    best = score(chosen)
+    for _ in range(rounds - 1):
+        i, s = max(((i, score([*chosen, i])) for i in range(len(val))), key=lambda t: t[1])
+        if s <= best:
+            break
+        chosen, best = [*chosen, i], s
+    return chosen
+
+
+def select_ensemble(
+    study: optuna.Study,
+    best: optuna.trial.FrozenTrial,
+    spec: StudySpec,
+    host: PluginHost,
+    store: Any,
+    val: Dataset,
+    rounds: int = 10,
+    say: Any = None,
+) -> Ensemble:
+    """The greedy ensemble of ``study``'s COMPLETE trials with ``best``'s input
+    pipeline, chosen on ``val``, reloaded from their checkpoints."""
+    say = say or (lambda _msg: None)
+    pipeline = best.user_attrs.get(PREPROCESSING_ATTR)
+    candidates = [
+        t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if t.user_attrs.get(PREPROCESSING_ATTR) == pipeline
+    ]
+    say(f"export: ensemble: scoring {len(candidates)} completed trial(s) on validation")
+    backbones, probs = [], []
+    for t in candidates:
+        b = load_trial_backbone(
+            t, host, store, num_classes=len(val.classes), image_size=spec.data.image_size,
+            listed=spec.search.backbones,
+        )
+        backbones.append(b)
+        probs.append(probabilities(b, val, spec.train.eval_batch_size))
+    labels = val.labels.cpu()
+    chosen = greedy_selection(probs, labels, rounds)
+    counts = Counter(chosen)
+    order = list(dict.fromkeys(chosen))
+    members = [{"trial": candidates[i].number, "weight": counts[i]} for i in order]
+    mean = torch.stack([probs[i] for i in chosen]).mean(0)
+    model = EnsembleModel([backbones[i].model for i in order], [counts[i] for i in order])
+    pick = next(i for i, t in enumerate(candidates) if t.number == best.number)
+    ensemble = replace(backbones[pick], model=model.eval())
+    return Ensemble(ensemble, members, float((mean.argmax(1) == labels).float().mean()))

@@ -1,0 +1,82 @@
+"""`autotransfer export --ensemble`: a greedy ensemble of the completed trials,
+chosen on validation, exported as one model (autotransfer.tuning.ensemble)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _export_helpers import TinyExport, tiny_export
+from typer.testing import CliRunner
+
+from autotransfer.cli import app
+from autotransfer.exceptions import ExportError
+from autotransfer.export.writer import export_trial
+from autotransfer.tuning.ensemble import EnsembleModel, greedy_selection
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyExport:
+    return tiny_export(tmp_path_factory.getbasetemp())
+
+
+def test_greedy_selection_adds_only_what_raises_validation() -> None:
+    labels = torch.tensor([0, 0, 1, 1])
+    a = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.1, 0.9], [0.55, 0.45]])  # 3 of 4
+    b = torch.tensor([[0.4, 0.6], [0.9, 0.1], [0.1, 0.9], [0.1, 0.9]])  # 3 of 4, worse log-loss
+    c = torch.tensor([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])  # all wrong
+    chosen = greedy_selection([c, a, b], labels)
+    assert chosen[0] == 1 and set(chosen) == {1, 2}  # a + b: 4 of 4; c never
+    assert greedy_selection([c, c], labels) == [0]
+
+
+def test_ensemble_model_is_the_weighted_mean_of_probabilities() -> None:
+    torch.manual_seed(0)
+    m1, m2 = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    x = torch.randn(5, 3)
+    out = EnsembleModel([m1, m2], [2, 1])(x)
+    want = (2 * torch.softmax(m1(x), 1) + torch.softmax(m2(x), 1)) / 3
+    assert torch.allclose(torch.softmax(out, 1), want, atol=1e-6)
+
+
+def test_export_ensemble_writes_one_model_that_predicts(tiny: TinyExport, tmp_path: Path) -> None:
+    import autotransfer
+
+    lines: list[str] = []
+    result = export_trial(tiny.study, tmp_path / "ens", message=lines.append, ensemble=True)
+    c = result.config
+    held = c["model"]
+    assert result.ensemble and not result.refit and held["kind"] == "ensemble"
+    complete = {t.number for t in tiny.study.trials if t.state.name == "COMPLETE"}
+    assert {m["trial"] for m in held["members"]} <= complete
+    assert held["members"][0]["trial"] == tiny.study.best_trial.number
+    assert held["val_accuracy"] >= tiny.study.best_value  # starts from the best trial
+    assert c["metrics"]["test"]["n"] > 0 and "trial_test" in c["metrics"]
+    assert c["verification"]  # the programs were checked against the ensemble
+    card = (result.path / "README.md").read_text()
+    assert "**ensemble**" in card and "test, this ensemble" in card
+    assert any("export: ensemble of trials" in line for line in lines)
+    images = sorted(tiny.data.rglob("*.png"))[:4]
+    for runtime in ("onnx", "torchscript"):
+        got = autotransfer.load(result.path, runtime).predict([str(p) for p in images])
+        assert len(got) == 4 and all(0.0 <= p.probability <= 1.0 for p in got)
+    probs = [p.probability for p in autotransfer.load(result.path, "onnx").predict(
+        [str(p) for p in images])]
+    assert np.all(np.isfinite(probs))
+
+
+def test_cli_flag_and_its_conflict_with_trial(tiny: TinyExport, tmp_path: Path) -> None:
+    args = ["export", "--storage", tiny.storage, "--study-name", "tiny-export"]
+    ok = runner.invoke(app, [*args, str(tmp_path / "a"), "--ensemble"])
+    assert ok.exit_code == 0, ok.output
+    assert "ensemble of trials" in ok.stdout
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["model"]["kind"] == "ensemble"
+    bad = runner.invoke(app, [*args, str(tmp_path / "b"), "--ensemble", "--trial", "0"])
+    assert bad.exit_code == 2 and "exclude each other" in bad.output
+    with pytest.raises(ExportError, match="exclude each other"):
+        export_trial(tiny.study, tmp_path / "c", 0, ensemble=True)
