@@ -117,8 +117,8 @@ def test_cli_follows_the_spec_and_the_flag_overrides_it(tiny: TinyExport, tmp_pa
 
 def test_export_refit_may_change_on_resume(tiny: TinyExport) -> None:
     stored = tiny.spec.model_dump(mode="json")
-    assert stored["export"] == {"refit": False}
+    assert stored["export"] == {"refit": False, "ensemble": False}
     changed = tiny.spec.model_copy(
-        update={"export": tiny.spec.export.model_copy(update={"refit": True})}
+        update={"export": tiny.spec.export.model_copy(update={"refit": True, "ensemble": True})}
     )
     assert spec_changes(stored, changed.model_dump(mode="json")) == []
