@@ -198,7 +198,8 @@ def run_arm(arm: str, ctx: dict[str, Any], budget: int | None = None) -> dict[st
                      ctx["backbone"], ctx["seed"], ctx["epochs"], ctx["image_size"],
                      ctx["n_trials"], ctx.get("threads"))
     (work / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    common = ["--storage", f"sqlite:///{work / 'study.db'}", "--artifacts", str(work / "art")]
+    storage = ["--storage", f"sqlite:///{work / 'study.db'}"]
+    common = [*storage, "--artifacts", str(work / "art")]  # export reads artifacts from the study
     load0 = os.getloadavg()[0]
     t0 = time.monotonic()
     export = work / "export"
@@ -227,7 +228,7 @@ def run_arm(arm: str, ctx: dict[str, Any], budget: int | None = None) -> dict[st
         if pick["number"] != result.get("best_trial") or not export.exists():
             if export.exists():
                 shutil.rmtree(export)
-            cli("export", *common[:2], "--study-name", spec["name"], "--trial",
+            cli("export", *storage, "--study-name", spec["name"], "--trial",
                 str(pick["number"]),
                 str(export), cwd=work)
     else:
@@ -244,7 +245,7 @@ def run_arm(arm: str, ctx: dict[str, Any], budget: int | None = None) -> dict[st
     if arm == "search" and ctx.get("refit"):
         # the same pick refit on train + validation for its best epoch count
         t1 = time.monotonic()
-        cli("export", *common[:2], "--study-name", spec["name"], "--refit", str(work / "refit"),
+        cli("export", *storage, "--study-name", spec["name"], "--refit", str(work / "refit"),
             cwd=work)
         scored = score(work / "refit", ctx["test"])
         refit = {"refit_test_accuracy": scored["accuracy"],
@@ -283,21 +284,16 @@ def run_arm(arm: str, ctx: dict[str, Any], budget: int | None = None) -> dict[st
 
 def ensemble_score(storage: str, study_name: str, test: list[tuple[str, str]], modality: str,
                    folder: Path) -> dict[str, Any]:
-    """The search's completed trials reloaded from their checkpoints; a greedy
-    ensemble chosen on the study's own validation split, scored on the
-    held-out test. Only members with the pick's preprocessing (one input
-    pipeline), with the selection rule of ``autotransfer export --ensemble``
-    (:mod:`autotransfer.tuning.ensemble`)."""
-    import optuna
-    import torch
-
+    """The ensemble ``autotransfer export --ensemble`` would export
+    (:func:`autotransfer.tuning.ensemble.select_ensemble`: chosen on the study's
+    own validation split), scored on the held-out test."""
     from autotransfer.data.datasets import load_dataset
+    from autotransfer.engine.trainer import evaluate
     from autotransfer.plugins.host import get_plugin_host
-    from autotransfer.store.checkpoints import load_trial_backbone
-    from autotransfer.store.records import ARTIFACTS_ATTR, PREPROCESSING_ATTR
+    from autotransfer.store.records import ARTIFACTS_ATTR
     from autotransfer.store.storage import artifact_store
     from autotransfer.store.studies import load_study, stored_spec
-    from autotransfer.tuning.ensemble import greedy_selection, probabilities
+    from autotransfer.tuning.ensemble import select_ensemble
     from autotransfer.tuning.search import prepare_data
 
     study = load_study(storage, study_name)
@@ -308,35 +304,14 @@ def ensemble_score(storage: str, study_name: str, test: list[tuple[str, str]], m
     if list(held_set.classes) != list(splits.classes):
         raise RuntimeError(f"held-out classes {held_set.classes} != {splits.classes}")
     store = artifact_store(Path(study.user_attrs[ARTIFACTS_ATTR]))
-    host = get_plugin_host()
-    best = study.best_trial
-    same = best.user_attrs.get(PREPROCESSING_ATTR)
-    members = [t for t in study.get_trials(deepcopy=False,
-                                           states=(optuna.trial.TrialState.COMPLETE,))
-               if t.user_attrs.get(PREPROCESSING_ATTR) == same]
-
-    val_p, test_p = [], []
-    for t in members:
-        b = load_trial_backbone(t, host, store, num_classes=len(splits.classes),
-                                image_size=spec.data.image_size, listed=spec.search.backbones)
-        val_p.append(probabilities(b, splits.val))
-        test_p.append(probabilities(b, held_set))
-    chosen = greedy_selection(val_p, splits.val.labels)
-    p = torch.stack([test_p[i] for i in chosen]).mean(0)
-    pred, truth = p.argmax(1), held_set.labels
-    f1s = []
-    for c in range(len(splits.classes)):
-        tp = int(((pred == c) & (truth == c)).sum())
-        fp = int(((pred == c) & (truth != c)).sum())
-        fn = int(((pred != c) & (truth == c)).sum())
-        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
-    pv = torch.stack([val_p[i] for i in chosen]).mean(0)
+    chosen = select_ensemble(study, study.best_trial, spec, get_plugin_host(), store, splits.val)
+    scored = evaluate(chosen.backbone, held_set, spec.train.eval_batch_size)
     return {
-        "ensemble_members": [members[i].number for i in chosen],
-        "ensemble_candidates": len(members),
-        "ensemble_val_accuracy": float((pv.argmax(1) == splits.val.labels).float().mean()),
-        "ensemble_test_accuracy": float((pred == truth).float().mean()),
-        "ensemble_test_macro_f1": sum(f1s) / len(f1s),
+        "ensemble_members": [m["trial"] for m in chosen.members for _ in range(m["weight"])],
+        "ensemble_candidates": chosen.candidates,
+        "ensemble_val_accuracy": chosen.val_accuracy,
+        "ensemble_test_accuracy": scored.accuracy,
+        "ensemble_test_macro_f1": scored.macro_f1,
     }
 
 

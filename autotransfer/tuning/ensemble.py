@@ -60,6 +60,8 @@ class Ensemble:
     """``{"trial": number, "weight": count}`` in selection order of first use."""
     val_accuracy: float
     """The ensemble's validation accuracy (the selection's score)."""
+    candidates: int
+    """Completed trials with the best trial's input pipeline, scored on validation."""
 
 
 def probabilities(backbone: Backbone, data: Dataset, batch_size: int = 256) -> torch.Tensor:
@@ -129,4 +131,6 @@ def select_ensemble(
     model = EnsembleModel([backbones[i].model for i in order], [counts[i] for i in order])
     pick = next(i for i, t in enumerate(candidates) if t.number == best.number)
     ensemble = replace(backbones[pick], model=model.eval())
-    return Ensemble(ensemble, members, float((mean.argmax(1) == labels).float().mean()))
+    return Ensemble(
+        ensemble, members, float((mean.argmax(1) == labels).float().mean()), len(candidates)
+    )
