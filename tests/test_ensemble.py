@@ -15,7 +15,12 @@ from typer.testing import CliRunner
 from autotransfer.cli import app
 from autotransfer.exceptions import ExportError
 from autotransfer.export.writer import export_trial
+from autotransfer.plugins.host import get_plugin_host
+from autotransfer.store.storage import artifact_store
+from autotransfer.store.studies import stored_spec
+from autotransfer.store.summary import best_trial
 from autotransfer.tuning.ensemble import EnsembleModel, greedy_selection
+from autotransfer.tuning.refit import refit_trial
 
 runner = CliRunner()
 
@@ -54,7 +59,7 @@ def test_export_ensemble_writes_one_model_that_predicts(tiny: TinyExport, tmp_pa
     assert result.ensemble and not result.refit and held["kind"] == "ensemble"
     complete = {t.number for t in tiny.study.trials if t.state.name == "COMPLETE"}
     assert {m["trial"] for m in held["members"]} <= complete
-    assert held["members"][0]["trial"] == tiny.study.best_trial.number
+    assert held["members"][0]["trial"] == best_trial(tiny.study).number
     assert held["val_accuracy"] >= tiny.study.best_value  # starts from the best trial
     assert c["metrics"]["test"]["n"] > 0 and "trial_test" in c["metrics"]
     assert c["verification"]  # the programs were checked against the ensemble
@@ -68,6 +73,48 @@ def test_export_ensemble_writes_one_model_that_predicts(tiny: TinyExport, tmp_pa
     probs = [p.probability for p in autotransfer.load(result.path, "onnx").predict(
         [str(p) for p in images])]
     assert np.all(np.isfinite(probs))
+
+
+def test_a_refit_ensemble_refits_each_member_with_the_chosen_weights(
+    tiny: TinyExport, tmp_path: Path
+) -> None:
+    """With the refit on, the same members and weights as the checkpoint ensemble,
+    each member trained again on train + validation exactly as a single refit."""
+    from autotransfer.export.choose import refit_data
+
+    plain = export_trial(tiny.study, tmp_path / "plain", ensemble=True, refit=False)
+    lines: list[str] = []
+    result = export_trial(tiny.study, tmp_path / "refit", message=lines.append, ensemble=True,
+                          refit=True)
+    held, before = result.config["model"], plain.config["model"]
+    assert result.ensemble and result.refit and held["kind"] == "ensemble"
+    assert held["trained_on"] == "train+val" and before["trained_on"] == "train"
+    assert [(m["trial"], m["weight"]) for m in held["members"]] == [
+        (m["trial"], m["weight"]) for m in before["members"]]
+    assert all(m["epochs"] >= 1 for m in held["members"])
+    splits, source = refit_data(stored_spec(tiny.study))
+    assert held["train_examples"] == len(splits.train) + len(splits.val)
+    assert held["val_accuracy"] == before["val_accuracy"]  # the selection's score
+    assert sum("refitting member" in line for line in lines) == len(held["members"])
+    assert "each trained again" in (result.path / "README.md").read_text()
+
+    # member 1 is the single refit of its trial, bit for bit
+    from safetensors.torch import load_file
+
+    first = next(t for t in tiny.study.trials if t.number == held["members"][0]["trial"])
+    spec = stored_spec(tiny.study)
+    alone = refit_trial(first, spec, get_plugin_host(),
+                        artifact_store(Path(tiny.study.user_attrs["artifacts"])), splits, source)
+    weights = load_file(str(result.path / "model.safetensors"))
+    mine = {k.removeprefix("members.0."): v for k, v in weights.items()
+            if k.startswith("members.0.")}
+    theirs = alone.backbone.model.state_dict()
+    assert mine and mine.keys() <= theirs.keys()
+    for k, v in mine.items():
+        assert torch.equal(v, theirs[k]), k
+    checkpoint = load_file(str(plain.path / "model.safetensors"))
+    assert any(not torch.equal(v, checkpoint[k]) for k, v in weights.items()
+               if k.startswith("members.0.") and v.is_floating_point())
 
 
 def test_cli_flag_and_its_conflict_with_trial(tiny: TinyExport, tmp_path: Path) -> None:

@@ -84,3 +84,29 @@ def test_running_the_same_search_again_resumes_it(
     with pytest.raises(SpecError, match=r"changed: search\.batch_size"):
         run_search(changed, storage_url, artifacts, _quiet())
     assert len(load_study(storage_url, None).trials) == 5
+
+
+def test_best_trial_breaks_accuracy_ties_by_validation_loss() -> None:
+    """Equal validation accuracy: the lower ``val_loss`` wins, then the earlier
+    trial; a trial without a recorded loss (an older study) comes after one with it."""
+    from optuna.distributions import FloatDistribution
+
+    from autotransfer.store.summary import best_trial
+
+    study = optuna.create_study(direction="maximize")
+    assert best_trial(study) is None
+    dist = {"lr": FloatDistribution(1e-5, 1.0, log=True)}
+
+    def add(value: float, loss: float | None) -> None:
+        attrs = {} if loss is None else {"val_loss": loss}
+        study.add_trial(optuna.trial.create_trial(
+            value=value, params={"lr": 0.01}, distributions=dist, user_attrs=attrs))
+
+    add(0.80, 0.30)  # 0: lower accuracy, lowest loss
+    add(0.90, None)  # 1: tied, no loss recorded
+    add(0.90, 0.55)  # 2: tied
+    add(0.90, 0.45)  # 3: tied, lowest loss among the tied: the best
+    add(0.90, 0.45)  # 4: same loss as 3, later
+    assert study.best_trial.number == 1  # Optuna's own pick: the first of the tie
+    assert best_trial(study).number == 3
+    assert [r["val_loss"] for r in trial_records(study)][:3] == [0.30, None, 0.55]

@@ -93,11 +93,30 @@ def test_value_is_max_over_epochs(plugin_host, tiny_spec, tiny_splits, tmp_path:
     values = trial.intermediate_values
     assert sorted(values) == [1, 2, 3]
     assert trial.value == max(values.values())
-    best_epoch = trial.user_attrs["best_epoch"]
-    # The first epoch reaching the maximum (ties keep the earlier one).
-    assert best_epoch == min(e for e, v in values.items() if v == trial.value)
     backbone = load_trial_backbone(trial, plugin_host, store, num_classes=3, image_size=32)
-    assert evaluate(backbone, tiny_splits.val).accuracy == trial.value
+    reloaded = evaluate(backbone, tiny_splits.val)
+    assert reloaded.accuracy == trial.value
+    assert reloaded.loss == pytest.approx(trial.user_attrs["val_loss"])
+
+
+def test_equal_accuracy_epochs_are_ranked_by_validation_loss(
+    plugin_host, tiny_spec, tiny_splits, monkeypatch
+) -> None:
+    """Epochs 2-4 tie on accuracy; the lowest loss among them (epoch 3) is the best,
+    not the first; epoch 1 has the lowest loss but a lower accuracy."""
+    from autotransfer.engine.trainer import Metrics
+
+    scripted = iter([Metrics(0.5, 0.5, 0.2), Metrics(0.6, 0.6, 0.9), Metrics(0.6, 0.6, 0.7),
+                     Metrics(0.6, 0.6, 0.8)])
+    monkeypatch.setattr(Trainer, "_train_epoch", lambda self: 0.0)
+    monkeypatch.setattr(Trainer, "_evaluate", lambda self: next(scripted))
+    spec = tiny_spec(**{"train.epochs": 4})
+    b = plugin_host.build(spec.search.backbones[0], num_classes=3, image_size=32)
+    trainer = Trainer(b, tiny_splits, TrialParams(GOOD["backbone"], 0.2, 5e-3, 1e-4, 8, 0.25),
+                      spec, 0)
+    flags = [r.is_best for r in trainer.epochs()]
+    assert flags == [True, True, True, False]
+    assert trainer.best is not None and trainer.best.epoch == 3
 
 
 def test_evaluate_metrics(plugin_host, tiny_splits) -> None:

@@ -41,8 +41,8 @@ def export(
             "--ensemble/--no-ensemble",
             help="Export a greedy ensemble of the completed trials (chosen on validation, "
             "from their checkpoints; one model averaging their probabilities, each member "
-            "runs at inference) instead of one trial; default: the spec's export.ensemble "
-            "(off).",
+            "runs at inference) instead of one trial; with the refit, each member is refit "
+            "on train + validation; default: the spec's export.ensemble (off).",
             show_default=False,
         ),
     ] = None,
@@ -66,14 +66,17 @@ def _stderr(line: str) -> None:
     typer.echo(line, err=True)
 
 
-def print_export(result: object) -> None:
-    """One summary line per export on stdout."""
+def print_export(result: object, err: bool = False) -> None:
+    """One summary line per export, on stdout (stderr with ``err``: after
+    ``search --json``)."""
     config = result.config  # type: ignore[attr-defined]
     test = config["metrics"]["test"] or {}
     acc = test.get("accuracy")
     held = config["model"]
     if held["kind"] == "ensemble":
         what = "ensemble of trials " + ", ".join(str(m["trial"]) for m in held["members"])
+        if held["trained_on"] == "train+val":
+            what += ", each refit on train+val"
     elif held["kind"] == "refit":
         what = f"refit on train+val for {held['epochs']} epochs"
     else:
@@ -83,5 +86,6 @@ def print_export(result: object) -> None:
         f"exported trial {result.trial} ({result.backbone}, {what}) to {result.path}: "  # type: ignore[attr-defined]
         f"{config['num_classes']} classes, val_acc {config['metrics']['val']['accuracy']:.3f}"
         + (f", test_acc {acc:.3f}" if acc is not None else "")
-        + (f" (trial weights: test_acc {trial_acc:.3f})" if trial_acc is not None else "")
+        + (f" (trial weights: test_acc {trial_acc:.3f})" if trial_acc is not None else ""),
+        err=err,
     )

@@ -22,7 +22,7 @@ from autotransfer.store.records import (
     VAL_F1_ATTR,
 )
 from autotransfer.store.studies import test_metrics
-from autotransfer.store.summary import best_per_backbone, trial_records
+from autotransfer.store.summary import best_per_backbone, best_trial, trial_records
 from autotransfer.tuning.search import SearchOutcome
 
 MAX_CLASSES_SHOWN = 20
@@ -34,10 +34,8 @@ def _stdout() -> Console:
 
 
 def _best(study: optuna.Study) -> int | None:
-    try:
-        return study.best_trial.number
-    except ValueError:
-        return None
+    best = best_trial(study)
+    return None if best is None else best.number
 
 
 def _f(v: float | None, fmt: str) -> str:

@@ -163,6 +163,7 @@ def search(
         typer.echo(f"error: {'; '.join(outcome.dead_workers)}", err=True)
         raise typer.Exit(1)
     if export is not None:
+        from autotransfer.cli.export import print_export
         from autotransfer.export.writer import export_trial
 
         ensemble = resolved.export.ensemble
@@ -171,14 +172,7 @@ def search(
             message=lambda m: typer.echo(m, err=True), refit=resolved.export.refit,
             ensemble=ensemble,
         )
-        acc = (done.config["metrics"]["test"] or {}).get("accuracy")
-        held = ("ensemble" if done.ensemble
-                else "refit on train+val" if done.refit else "trial weights")
-        typer.echo(
-            f"exported trial {done.trial} ({held}) to {done.path}"
-            + (f": test_acc {acc:.3f}" if acc is not None else ""),
-            err=True,
-        )
+        print_export(done, err=True)
 
 
 def general_defaults(overrides: dict[str, Any], storage: str) -> StudySpec:

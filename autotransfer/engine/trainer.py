@@ -2,7 +2,8 @@
 
 :class:`Trainer` yields an :class:`EpochResult` after every epoch so the caller
 (the Optuna objective) can report it and decide to prune. The trainer keeps the
-weights of its best epoch (by validation accuracy), not its last.
+weights of its best epoch (by validation accuracy; ties: the lower validation
+loss), not its last.
 
 Long because one :class:`Trainer` owns the mutable state that the epoch loop,
 evaluation, the feature cache, OOM micro-batching and the epoch-state resume
@@ -660,7 +661,9 @@ class Trainer:
                 raise TrialError(
                     "non_finite", f"validation loss became {val.loss} at epoch {epoch}"
                 )
-            is_best = self.best is None or val.accuracy > self.best.val.accuracy
+            # Ties in accuracy are common on small validation sets: the lower loss wins.
+            is_best = self.best is None or (val.accuracy, -val.loss) > (
+                self.best.val.accuracy, -self.best.val.loss)
             result = EpochResult(epoch, train_loss, val, time.perf_counter() - start, is_best)
             if is_best:
                 self.best = result

@@ -59,10 +59,17 @@ def model_card(config: dict[str, Any]) -> str:
             f"trial {m['trial']}" + (f" (x{m['weight']})" if m["weight"] > 1 else "")
             for m in held["members"]
         )
+        how = (
+            f"chosen greedily on the validation split from their best checkpoints (validation "
+            f"accuracy {_fmt(held['val_accuracy'])}), then each trained again with its "
+            f"parameters and seed on train + validation ({held['train_examples']} {noun}) for "
+            "its best epoch count" if held.get("trained_on") == "train+val" else
+            "each from its best checkpoint, chosen greedily on the validation split "
+            f"(validation accuracy {_fmt(held['val_accuracy'])})"
+        )
         held_line = (
             f"The model is an **ensemble**: the mean of the class probabilities of {members}, "
-            "each from its best checkpoint, chosen greedily on the validation split "
-            f"(validation accuracy {_fmt(held['val_accuracy'])}). Inference runs every member."
+            f"{how}. Inference runs every member."
         )
         rows = (
             f"| validation (trial {t['number']}'s checkpoint, the best single trial) {val_row}\n"

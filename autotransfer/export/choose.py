@@ -11,6 +11,7 @@ from autotransfer.exceptions import DataError, StorageError
 from autotransfer.spec.model import StudySpec
 from autotransfer.store.records import CLASSES_ATTR
 from autotransfer.store.studies import test_metrics
+from autotransfer.store.summary import best_trial
 from autotransfer.tuning.search import evaluate_best_on_test, prepare_data
 
 
@@ -28,7 +29,9 @@ def choose_trial(study: optuna.Study, number: int | None) -> optuna.trial.Frozen
                 f"study '{study.study_name}' has no completed trial to export "
                 f"({len(trials)} trials); run `autotransfer search` first"
             )
-        return study.best_trial
+        best = best_trial(study)
+        assert best is not None  # complete is not empty
+        return best
     found = [t for t in trials if t.number == number]
     if not found:
         raise StorageError(

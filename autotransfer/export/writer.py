@@ -3,8 +3,10 @@
 The model is rebuilt from the trial's own checkpoint through the same build path
 the trial used (:func:`autotransfer.store.checkpoints.load_trial_backbone`), or,
 with a refit (``export.refit``, ``--refit``), trained again on train + validation
-with the trial's parameters and best epoch count (:mod:`autotransfer.tuning.refit`;
-``config.json``'s ``model`` and the card say which), and written in the export
+with the trial's parameters and best epoch count (:mod:`autotransfer.tuning.refit`),
+or a greedy ensemble of trials (``--ensemble``, :mod:`autotransfer.tuning.ensemble`;
+its members refit too when refit is on); ``config.json``'s ``model`` and the card
+say which; and written in the export
 format (:mod:`autotransfer.export.format`). One job per module:
 :mod:`~autotransfer.export.choose` (which trial, its labels and test metrics),
 :mod:`~autotransfer.export.programs` (weights, TorchScript, ONNX),
@@ -61,7 +63,7 @@ from autotransfer.store.checkpoints import load_trial_backbone
 from autotransfer.store.records import ARTIFACTS_ATTR, BEST_EPOCH_ATTR
 from autotransfer.store.storage import artifact_store
 from autotransfer.store.studies import stored_spec
-from autotransfer.tuning.ensemble import select_ensemble
+from autotransfer.tuning.ensemble import refit_members, select_ensemble
 from autotransfer.tuning.refit import refit_trial
 
 TRACE_TEXTS = ("a short text", "a somewhat longer text to trace the model with")
@@ -132,8 +134,9 @@ def export_trial(
             (:func:`autotransfer.tuning.refit.refit_trial`) instead of the trial's
             checkpoint; None: the study spec's ``export.refit``.
         ensemble: export a greedy ensemble of the study's completed trials
-            (:mod:`autotransfer.tuning.ensemble`), chosen on validation, from
-            their checkpoints (no refit); None: the spec's ``export.ensemble``.
+            (:mod:`autotransfer.tuning.ensemble`), chosen on validation from
+            their checkpoints; with ``refit``, each member is then refit on
+            train + validation; None: the spec's ``export.ensemble``.
 
     Raises:
         ExportError: ``out_dir`` cannot be written.
@@ -158,7 +161,7 @@ def export_trial(
             f"--trial {trial_number} and --ensemble exclude each other: an ensemble is chosen "
             "from all completed trials; drop one of them"
         )
-    refit = (spec.export.refit if refit is None else refit) and not ensemble
+    refit = spec.export.refit if refit is None else refit
     data = refit_data(spec) if refit or ensemble else None
     classes, test = classes_and_test(
         study, trial, spec, host, store, say, data[0] if data else None
@@ -167,14 +170,21 @@ def export_trial(
     if ensemble:
         assert data is not None
         chosen = select_ensemble(study, trial, spec, host, store, data[0].val, say=say)
+        held = {"kind": "ensemble", "trained_on": "train", "members": chosen.members,
+                "val_accuracy": chosen.val_accuracy}
+        if refit:
+            chosen, refits = refit_members(chosen, study, spec, host, store, data[0], data[1],
+                                           say=say)
+            held = {**held, "trained_on": "train+val", "members": chosen.members,
+                    "train_examples": refits[0].train_examples,
+                    "seconds": round(sum(r.seconds for r in refits), 1)}
         backbone = chosen.backbone
         trial_test = test
         test = evaluate(backbone, data[0].test, spec.train.eval_batch_size).record(classes)
-        held = {"kind": "ensemble", "trained_on": "train", "members": chosen.members,
-                "val_accuracy": chosen.val_accuracy}
         say(f"export: ensemble of trials "
-            f"{', '.join(str(m['trial']) for m in chosen.members)}: val_acc "
-            f"{chosen.val_accuracy:.3f}, test_acc {test['accuracy']:.3f}")
+            f"{', '.join(str(m['trial']) for m in chosen.members)}"
+            f"{' (refit on train+val)' if refit else ''}: val_acc "
+            f"{chosen.val_accuracy:.3f} (members' checkpoints), test_acc {test['accuracy']:.3f}")
     elif data is not None:
         refitted = refit_trial(trial, spec, host, store, data[0], data[1], message=say)
         backbone, trial_test, test = refitted.backbone, test, refitted.test

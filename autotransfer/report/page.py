@@ -38,7 +38,12 @@ from autotransfer.store.records import (
     VAL_F1_ATTR,
 )
 from autotransfer.store.studies import test_metrics
-from autotransfer.store.summary import best_per_backbone, device_label, trial_records
+from autotransfer.store.summary import (
+    best_per_backbone,
+    best_trial,
+    device_label,
+    trial_records,
+)
 
 # Parameters shown in the parallel-coordinates plot, in this order, when searched.
 PARALLEL_PARAMS = ("backbone", "freeze", "lr", "alpha")
@@ -133,7 +138,8 @@ def _summary(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> str
     if not complete:
         parts.append(_note("No trial has completed yet: there is no best trial."))
         return "\n".join(parts)
-    best = study.best_trial
+    best = best_trial(study)
+    assert best is not None
     a = best.user_attrs
     p = best.params
     best_rows = [
@@ -171,7 +177,8 @@ def _test_set(study: optuna.Study, complete: list[Any], figs: _Figures) -> str:
     """The best trial's test metrics per class, and its confusion matrix."""
     if not complete:
         return _note("No completed trial yet: there is no best trial to test.")
-    best = study.best_trial
+    best = best_trial(study)
+    assert best is not None
     test = test_metrics(study).get(str(best.number))
     if not test:
         return _note("Test metrics are not computed yet (the search computes them at its end).")
@@ -411,7 +418,8 @@ def render_report(study: optuna.Study) -> str:
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     records = trial_records(study)
-    best = study.best_trial.number if complete else None
+    top = best_trial(study)
+    best = top.number if top is not None else None
     figs = _Figures()
     sections = [
         ("summary", "Summary", _summary(study, trials)),

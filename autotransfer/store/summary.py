@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import optuna
+from optuna.trial import TrialState
 
 from autotransfer.store.records import (
     BEST_EPOCH_ATTR,
@@ -24,15 +25,37 @@ from autotransfer.store.records import (
     SECONDS_ATTR,
     VAL_ACCURACY_ATTR,
     VAL_F1_ATTR,
+    VAL_LOSS_ATTR,
 )
 
 ROW_ATTRS = (
     FROZEN_BLOCKS_ATTR, N_BLOCKS_ATTR, VAL_ACCURACY_ATTR, VAL_F1_ATTR, BEST_EPOCH_ATTR,
     EPOCHS_RUN_ATTR, PRUNED_AT_EPOCH_ATTR, FAIL_REASON_ATTR, FAIL_MESSAGE_ATTR, RETRY_OF_ATTR,
     RESUMED_FROM_EPOCH_ATTR, SECONDS_ATTR, CHECKPOINT_ATTR, DEVICE_ATTR, FEATURES_CACHED_ATTR,
-    FEATURE_VIEWS_ATTR, PREFIX_BLOCKS_ATTR,
+    FEATURE_VIEWS_ATTR, PREFIX_BLOCKS_ATTR, VAL_LOSS_ATTR,
 )
 """The trial attributes each row carries, under their own names (``trials --json``)."""
+
+
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The study's best COMPLETE trial, or None: the highest value (validation
+    accuracy); among equal values the lowest validation loss (``val_loss``; trials
+    stored before it was recorded come after those with one), then the earliest.
+    Every reader of "the best trial" (search, export, trials, report) uses this,
+    not ``study.best_trial``, which takes the first of a tie: with a validation set
+    of a few dozen examples, ties are common and the loss separates them."""
+    complete = [
+        t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.value is not None
+    ]
+    if not complete:
+        return None
+
+    def rank(t: optuna.trial.FrozenTrial) -> tuple[float, float, int]:
+        loss = t.user_attrs.get(VAL_LOSS_ATTR)
+        return (-float(t.value), float("inf") if loss is None else float(loss), t.number)
+
+    return min(complete, key=rank)
 
 
 def trial_records(study: optuna.Study) -> list[dict[str, Any]]:

@@ -12,6 +12,11 @@ the same input as any single trial's export.
 :class:`EnsembleModel` returns the log of the members' weighted mean softmax:
 "logits" whose softmax is the ensemble's probabilities, so the export's
 programs, parity checks and ``predict`` treat it as one model.
+
+With a refit (``export.refit``, on by default), :func:`refit_members` trains each
+distinct member again on train + validation (:func:`~autotransfer.tuning.refit.refit_trial`:
+its parameters, seed and best epoch count) and keeps the weights chosen on
+validation, as AutoGluon's ``refit_full`` does for its weighted ensemble.
 """
 
 from __future__ import annotations
@@ -26,11 +31,12 @@ from torch import nn
 
 from autotransfer.backbones import Backbone
 from autotransfer.data.batches import forward, make_batch
-from autotransfer.data.datasets import Dataset
+from autotransfer.data.datasets import Dataset, Splits
 from autotransfer.plugins.host import PluginHost
 from autotransfer.spec.model import StudySpec
 from autotransfer.store.checkpoints import load_trial_backbone
 from autotransfer.store.records import PREPROCESSING_ATTR
+from autotransfer.tuning.refit import RefitResult, refit_trial
 
 
 class EnsembleModel(nn.Module):
@@ -134,3 +140,36 @@ def select_ensemble(
     return Ensemble(
         ensemble, members, float((mean.argmax(1) == labels).float().mean()), len(candidates)
     )
+
+
+def refit_members(
+    ensemble: Ensemble,
+    study: optuna.Study,
+    spec: StudySpec,
+    host: PluginHost,
+    store: Any,
+    splits: Splits,
+    source: Dataset | None = None,
+    say: Any = None,
+) -> tuple[Ensemble, list[RefitResult]]:
+    """``ensemble`` with each distinct member refit on train + validation (same
+    weights, same order), and the refits. Each refit runs on its own after the
+    previous one, so memory holds one training model at a time.
+
+    Raises:
+        TrialError: a member's refit diverged, or ran out of memory.
+    """
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    refits = []
+    for i, m in enumerate(ensemble.members, 1):
+        if say:
+            say(f"export: ensemble: refitting member {i} of {len(ensemble.members)}")
+        refits.append(refit_trial(trials[m["trial"]], spec, host, store, splits, source,
+                                  message=say))
+    model = EnsembleModel([r.backbone.model for r in refits],
+                          [m["weight"] for m in ensemble.members])
+    refit = replace(
+        ensemble, backbone=replace(ensemble.backbone, model=model.eval()),
+        members=[{**m, "epochs": r.epochs} for m, r in zip(ensemble.members, refits, strict=True)],
+    )
+    return refit, refits

@@ -51,6 +51,7 @@ from autotransfer.store.records import (
     SECONDS_ATTR,
     VAL_ACCURACY_ATTR,
     VAL_F1_ATTR,
+    VAL_LOSS_ATTR,
     WORKER_ATTR,
 )
 from autotransfer.store.recovery import requeue_interrupted, worker_identity
@@ -350,6 +351,7 @@ class Objective:
             trial.set_user_attr(BEST_EPOCH_ATTR, trainer.best.epoch)
             trial.set_user_attr(VAL_ACCURACY_ATTR, trainer.best.val.accuracy)
             trial.set_user_attr(VAL_F1_ATTR, trainer.best.val.macro_f1)
+            trial.set_user_attr(VAL_LOSS_ATTR, trainer.best.val.loss)
         trial.set_user_attr(SECONDS_ATTR, round(time.perf_counter() - start, 2))
 
     def _fail(self, trial: optuna.Trial, reason: str, message: str) -> TrialError:

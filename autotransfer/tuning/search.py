@@ -32,6 +32,7 @@ from autotransfer.store.records import CLASSES_ATTR, FAIL_REASON_ATTR, TEST_METR
 from autotransfer.store.recovery import after_trial, recover_lost_trials
 from autotransfer.store.storage import artifact_store, default_artifacts_dir, open_storage
 from autotransfer.store.studies import create_or_resume, test_metrics
+from autotransfer.store.summary import best_trial as best_stored_trial
 from autotransfer.tuning.gpus import GpuPlan, launch
 from autotransfer.tuning.interrupts import handle_signals
 from autotransfer.tuning.objective import Objective, plugin_label
@@ -306,7 +307,9 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
             f"({len(study.trials)} trials: {', '.join(reasons) or 'none run'}); "
             "see `autotransfer trials` for each trial's reason"
         )
-    return study.best_trial
+    best = best_stored_trial(study)
+    assert best is not None
+    return best
 
 
 def evaluate_best_on_test(
