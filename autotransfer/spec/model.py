@@ -456,7 +456,8 @@ class ExportSpec(_Model):
     ensemble: bool = Field(
         False,
         description="export a greedy ensemble of the completed trials, chosen on validation "
-        "(one model averaging the members' probabilities; docs/export.md); instead of refit",
+        "(one model averaging the members' probabilities; each member refit on train + "
+        "validation when refit is on; docs/export.md)",
     )
 
 
