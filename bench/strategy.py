@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from autotransfer.data.batches import fit_to_data
-from autotransfer.data.datasets import Splits, load_dataset, stratified_split
+from autotransfer.data.datasets import Splits, concat, load_dataset, stratified_split
 from autotransfer.engine.trainer import Trainer, TrialParams, evaluate
 from autotransfer.plugins.host import get_plugin_host
 from autotransfer.spec.model import validate_spec
@@ -161,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
                 pick = max(mine, key=lambda r: r["best_val"])
                 spec = spec_for(name, args.data_root / name, modality, args.epochs,
                                 CONFIGS[pick["config"]], seed)
-                merged = replace(splits, train=_concat(splits.train, splits.val))
+                # as autotransfer/tuning/refit.py does: train + validation, the first
+                # best-epoch epochs of the trial's schedule
+                merged = replace(splits, train=concat(splits.train, splits.val))
                 config = CONFIGS[pick["config"]]
                 out = run_one(host, spec, merged, epochs_cap=pick["best_epoch"],
                               trunk_lr_scale=config[5] if len(config) > 5 else 1.0)
@@ -172,24 +174,6 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 save(rows, args)
     return 0
-
-
-def _concat(a: Any, b: Any) -> Any:
-    """Train + validation as one set (the same class list)."""
-    import dataclasses
-
-    fields = {}
-    for f in dataclasses.fields(a):
-        if f.name.startswith("_"):  # caches (a text set's token ids) start empty
-            continue
-        x, y = getattr(a, f.name), getattr(b, f.name)
-        if isinstance(x, torch.Tensor):
-            fields[f.name] = torch.cat([x, y])
-        elif isinstance(x, list) and f.name != "classes":
-            fields[f.name] = x + y
-        else:
-            fields[f.name] = x
-    return type(a)(**fields)
 
 
 def save(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
