@@ -224,8 +224,9 @@ def run_arm(arm: str, ctx: dict[str, Any], budget: int | None = None) -> dict[st
             within.append(t)
         done = [t for t in within if t["state"] == "COMPLETE" and t.get("value") is not None]
         # the product's rule: highest validation accuracy, then lowest validation loss
-        pick = max(done, key=lambda t: (t["value"], -(t.get("val_loss") or float("inf")),
-                                        -t["number"]))
+        pick = max(done, key=lambda t: (
+            t["value"], -(float("inf") if t.get("val_loss") is None else t["val_loss"]),
+            -t["number"]))
         trials_counted = within
     else:
         pick = next(t for t in trials if t["number"] == result["best_trial"])
@@ -237,32 +238,40 @@ def run_arm(arm: str, ctx: dict[str, Any], budget: int | None = None) -> dict[st
         "--no-refit", "--no-ensemble", str(export), cwd=work)
     test = score(export, ctx["test"])
     rows: dict[str, Any] = {}
+    # A failed extra export (a refit that diverged, say) is recorded, not fatal.
     if arm == "search" and ctx.get("refit"):
         # the same pick refit on train + validation for its best epoch count
         t1 = time.monotonic()
-        cli("export", *storage, "--study-name", spec["name"], "--refit", "--no-ensemble",
-            str(work / "refit"), cwd=work)
-        scored = score(work / "refit", ctx["test"])
-        rows.update({"refit_test_accuracy": scored["accuracy"],
-                     "refit_test_macro_f1": scored["macro_f1"],
-                     "refit_seconds": round(time.monotonic() - t1, 1)})
+        try:
+            cli("export", *storage, "--study-name", spec["name"], "--refit", "--no-ensemble",
+                str(work / "refit"), cwd=work)
+            scored = score(work / "refit", ctx["test"])
+            rows.update({"refit_test_accuracy": scored["accuracy"],
+                         "refit_test_macro_f1": scored["macro_f1"],
+                         "refit_seconds": round(time.monotonic() - t1, 1)})
+        except RuntimeError as exc:
+            rows["refit_error"] = str(exc)[-500:]
     if arm == "search" and ctx.get("ensemble"):
         # the greedy ensemble of the study's trials, each member refit (export --ensemble)
         t1 = time.monotonic()
         refit_flag = "--refit" if ctx.get("refit") else "--no-refit"
-        cli("export", *storage, "--study-name", spec["name"], "--ensemble", refit_flag,
-            str(work / "ensemble"), cwd=work)
-        scored = score(work / "ensemble", ctx["test"])
-        held = json.loads((work / "ensemble" / "config.json").read_text())["model"]
-        rows.update({
-            "ensemble_members": [m["trial"] for m in held["members"]
-                                 for _ in range(m["weight"])],
-            "ensemble_refit": held["trained_on"] == "train+val",
-            "ensemble_val_accuracy": held["val_accuracy"],
-            "ensemble_test_accuracy": scored["accuracy"],
-            "ensemble_test_macro_f1": scored["macro_f1"],
-            "ensemble_seconds": round(time.monotonic() - t1, 1),
-        })
+        try:
+            cli("export", *storage, "--study-name", spec["name"], "--ensemble", refit_flag,
+                str(work / "ensemble"), cwd=work)
+            scored = score(work / "ensemble", ctx["test"])
+            held = json.loads((work / "ensemble" / "config.json").read_text())["model"]
+            rows.update({
+                "ensemble_members": [m["trial"] for m in held["members"]
+                                     for _ in range(m["weight"])],
+                "ensemble_refit": held["trained_on"] == "train+val",
+                "ensemble_refit_epochs": sum(m.get("epochs", 0) for m in held["members"]),
+                "ensemble_val_accuracy": held["val_accuracy"],
+                "ensemble_test_accuracy": scored["accuracy"],
+                "ensemble_test_macro_f1": scored["macro_f1"],
+                "ensemble_seconds": round(time.monotonic() - t1, 1),
+            })
+        except RuntimeError as exc:
+            rows["ensemble_error"] = str(exc)[-500:]
     out = {
         "arm": arm,
         "test_accuracy": test["accuracy"],
@@ -387,7 +396,8 @@ def summarise(runs: list[dict[str, Any]], arms: list[str]) -> dict[str, Any]:
             "test_accuracy": ms([r["ensemble_test_accuracy"] for r in ensembles]),
             "test_macro_f1": ms([r["ensemble_test_macro_f1"] for r in ensembles]),
             "val_accuracy": ms([r["ensemble_val_accuracy"] for r in ensembles]),
-            "epochs_trained": ms([r["epochs_trained"] for r in ensembles]),
+            "epochs_trained": ms([r["epochs_trained"] + r.get("ensemble_refit_epochs", 0)
+                                  for r in ensembles]),
             "wall_seconds": ms([r["search_seconds"] + r.get("ensemble_seconds", 0.0)
                                 for r in ensembles]),
             "members": ms([len(set(r["ensemble_members"])) for r in ensembles]),

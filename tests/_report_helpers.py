@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 from autotransfer.spec.model import load_spec
 from autotransfer.store.records import SPEC_ATTR, TEST_METRICS_ATTR
 from autotransfer.store.storage import open_storage
+from autotransfer.store.summary import best_trial
 
 BACKBONES = ["timm:tf_efficientnet_lite0@packaged", "timm:resnet18@pretrained"]
 N_BLOCKS = {BACKBONES[0]: 17, BACKBONES[1]: 6}
@@ -114,7 +115,7 @@ def make_study(storage_url: str, name: str = "synthetic", n_trials: int = 12,
         study.add_trial(fake_trial(i, rng))
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     if test_metrics and complete:
-        best = study.best_trial
+        best = best_trial(study)
         study.set_user_attr(TEST_METRICS_ATTR, {str(best.number): digits_test_record()})
     return study
 

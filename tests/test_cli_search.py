@@ -53,7 +53,8 @@ def test_search_runs_a_whole_study(cli_study) -> None:
     assert all(t["state"] in ("COMPLETE", "PRUNED") for t in trials)
     complete = [t for t in trials if t["state"] == "COMPLETE"]
     assert complete
-    best = max(complete, key=lambda t: t["value"])
+    # the highest validation accuracy; ties: the lowest validation loss, then the earliest
+    best = max(complete, key=lambda t: (t["value"], -t["val_loss"], -t["number"]))
     assert out["best_trial"] == best["number"] and out["val_accuracy"] == best["value"]
     assert out["best_params"] == best["params"]
     assert set(out["best_params"]) == {"backbone", "freeze", "lr", "trunk_lr_scale", "weight_decay",

@@ -26,6 +26,7 @@ from autotransfer.plugins.host import get_plugin_host
 from autotransfer.store.checkpoints import load_trial_backbone
 from autotransfer.store.records import ARTIFACTS_ATTR, CLASSES_ATTR
 from autotransfer.store.storage import artifact_store
+from autotransfer.store.summary import best_trial
 
 runner = CliRunner()
 
@@ -66,7 +67,7 @@ def test_layout_and_config(tiny: TinyExport) -> None:
     assert len(pre["mean"]) == 3 and len(pre["std"]) == 3
     assert c["backbone"]["name"] == "timm:test_efficientnet"
     assert c["backbone"]["weights"] == "none"
-    best = tiny.study.best_trial
+    best = best_trial(tiny.study)
     assert c["trial"]["number"] == best.number and c["trial"]["params"] == best.params
     assert c["metrics"]["val"]["accuracy"] == pytest.approx(best.value)
     assert set(c["metrics"]["test"]) >= {"accuracy", "macro_f1", "n"}
@@ -96,7 +97,7 @@ def test_layout_and_config(tiny: TinyExport) -> None:
 def test_programs_match_the_pytorch_model(tiny: TinyExport, held_out: torch.Tensor) -> None:
     import onnxruntime as ort
 
-    trial = tiny.study.best_trial
+    trial = best_trial(tiny.study)
     store = artifact_store(Path(tiny.study.user_attrs[ARTIFACTS_ATTR]))
     model = load_trial_backbone(
         trial, get_plugin_host(), store, num_classes=3, image_size=32

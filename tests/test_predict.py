@@ -24,6 +24,7 @@ from autotransfer.plugins.host import get_plugin_host
 from autotransfer.store.checkpoints import load_trial_backbone
 from autotransfer.store.records import ARTIFACTS_ATTR
 from autotransfer.store.storage import artifact_store
+from autotransfer.store.summary import best_trial
 
 runner = CliRunner()
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
@@ -43,7 +44,7 @@ def new_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_predict_matches_the_trained_model(tiny: TinyExport, new_images: Path) -> None:
     """Decoding + normalisation in predict equal the training path, end to end."""
     data = load_dataset(tiny.spec.data.model_copy(update={"path": str(new_images)}))
-    trial = tiny.study.best_trial
+    trial = best_trial(tiny.study)
     store = artifact_store(Path(tiny.study.user_attrs[ARTIFACTS_ATTR]))
     backbone = load_trial_backbone(trial, get_plugin_host(), store, num_classes=3, image_size=32)
     with torch.no_grad():

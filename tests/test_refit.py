@@ -19,6 +19,7 @@ from autotransfer.store.checkpoints import load_trial_backbone
 from autotransfer.store.records import ARTIFACTS_ATTR, BEST_EPOCH_ATTR, SPEC_ATTR
 from autotransfer.store.storage import artifact_store
 from autotransfer.store.studies import spec_changes
+from autotransfer.store.summary import best_trial
 
 runner = CliRunner()
 
@@ -36,7 +37,7 @@ def test_refit_trains_on_train_and_val_and_reports_its_test_metrics(
     assert result.refit
     c = result.config
     splits = load_splits(tiny.spec.data)
-    best = tiny.study.best_trial
+    best = best_trial(tiny.study)
     epochs = best.user_attrs[BEST_EPOCH_ATTR]
     n = len(splits.train) + len(splits.val)
     assert len(splits.val) > 0
@@ -86,7 +87,7 @@ def test_refit_is_the_default(tiny: TinyExport, tmp_path: Path) -> None:
 
 def test_no_refit_export_holds_the_trial_weights(tiny: TinyExport) -> None:
     c = json.loads((tiny.export / "config.json").read_text())
-    best = tiny.study.best_trial
+    best = best_trial(tiny.study)
     assert c["model"] == {
         "kind": "trial", "trained_on": "train", "epochs": best.user_attrs[BEST_EPOCH_ATTR],
     }

@@ -30,6 +30,7 @@ from autotransfer.plugins.host import get_plugin_host
 from autotransfer.store.checkpoints import load_trial_backbone
 from autotransfer.store.records import ARTIFACTS_ATTR
 from autotransfer.store.storage import artifact_store
+from autotransfer.store.summary import best_trial
 
 pytest.importorskip("transformers")
 runner = CliRunner()
@@ -83,7 +84,7 @@ def image_export(tmp_path_factory: pytest.TempPathFactory) -> TinyExport:
 def _model(text_export: TextExport):
     study = text_export.study
     store = artifact_store(Path(study.user_attrs[ARTIFACTS_ATTR]))
-    return load_trial_backbone(study.best_trial, get_plugin_host(), store, num_classes=3,
+    return load_trial_backbone(best_trial(study), get_plugin_host(), store, num_classes=3,
                                image_size=64)
 
 

@@ -81,9 +81,11 @@ def probabilities(backbone: Backbone, data: Dataset, batch_size: int = 256) -> t
     return torch.cat(out)
 
 
-def greedy_selection(val: list[torch.Tensor], labels: torch.Tensor, rounds: int = 10) -> list[int]:
+def greedy_selection(val: list[torch.Tensor], labels: torch.Tensor, rounds: int = 10,
+                     first: int | None = None) -> list[int]:
     """Indexes into ``val`` (each member's (n, classes) probabilities) chosen
-    greedily with replacement; see the module docstring."""
+    greedily with replacement, starting from ``first`` (default: the best
+    alone); see the module docstring."""
 
     def score(chosen: list[int]) -> tuple[float, float]:
         p = torch.stack([val[i] for i in chosen]).mean(0)
@@ -91,7 +93,7 @@ def greedy_selection(val: list[torch.Tensor], labels: torch.Tensor, rounds: int 
         nll = float(-p.clamp_min(1e-12).log().gather(1, labels[:, None]).mean())
         return accuracy, -nll
 
-    chosen = [max(range(len(val)), key=lambda i: score([i]))]
+    chosen = [max(range(len(val)), key=lambda i: score([i])) if first is None else first]
     best = score(chosen)
     for _ in range(rounds - 1):
         i, s = max(((i, score([*chosen, i])) for i in range(len(val))), key=lambda t: t[1])
@@ -129,13 +131,13 @@ def select_ensemble(
         backbones.append(b)
         probs.append(probabilities(b, val, spec.train.eval_batch_size))
     labels = val.labels.cpu()
-    chosen = greedy_selection(probs, labels, rounds)
+    pick = next(i for i, t in enumerate(candidates) if t.number == best.number)
+    chosen = greedy_selection(probs, labels, rounds, first=pick)
     counts = Counter(chosen)
     order = list(dict.fromkeys(chosen))
     members = [{"trial": candidates[i].number, "weight": counts[i]} for i in order]
     mean = torch.stack([probs[i] for i in chosen]).mean(0)
     model = EnsembleModel([backbones[i].model for i in order], [counts[i] for i in order])
-    pick = next(i for i, t in enumerate(candidates) if t.number == best.number)
     ensemble = replace(backbones[pick], model=model.eval())
     return Ensemble(
         ensemble, members, float((mean.argmax(1) == labels).float().mean()), len(candidates)
@@ -153,19 +155,24 @@ def refit_members(
     say: Any = None,
 ) -> tuple[Ensemble, list[RefitResult]]:
     """``ensemble`` with each distinct member refit on train + validation (same
-    weights, same order), and the refits. Each refit runs on its own after the
-    previous one, so memory holds one training model at a time.
+    weights, same order), and the refits (without test metrics: the caller
+    scores the ensemble). ``ensemble``'s checkpoint models are released first
+    (its model is emptied), so memory holds the refit members and the one in
+    training, not the checkpoints too.
 
     Raises:
         TrialError: a member's refit diverged, or ran out of memory.
     """
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    old = ensemble.backbone.model
+    if isinstance(old, EnsembleModel):
+        old.members = nn.ModuleList()
     refits = []
     for i, m in enumerate(ensemble.members, 1):
         if say:
             say(f"export: ensemble: refitting member {i} of {len(ensemble.members)}")
         refits.append(refit_trial(trials[m["trial"]], spec, host, store, splits, source,
-                                  message=say))
+                                  message=say, test=False))
     model = EnsembleModel([r.backbone.model for r in refits],
                           [m["weight"] for m in ensemble.members])
     refit = replace(

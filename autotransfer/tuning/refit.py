@@ -8,7 +8,7 @@ with ``checkpoint=False``), trains it with the trial's parameters and seed on
 train + validation for the trial's best epoch count (the engine's
 :class:`~autotransfer.engine.trainer.Trainer`, :meth:`~Trainer.fit`: no
 validation, no selection, no pruning) and measures it on the test split.
-Off by default (``export.refit``); docs/search.md says why.
+On by default (``export.refit``); docs/search.md says why.
 """
 
 from __future__ import annotations
@@ -45,8 +45,9 @@ class RefitResult:
     examples_seen: int
     """Training examples stepped on over all epochs (``epochs * train_examples``)."""
     train_losses: list[float]
-    test: dict[str, Any]
-    """Test metrics of the refit model (:meth:`~autotransfer.engine.trainer.Metrics.record`)."""
+    test: dict[str, Any] | None
+    """Test metrics of the refit model (:meth:`~autotransfer.engine.trainer.Metrics.record`);
+    None when not asked for."""
     seconds: float
 
 
@@ -70,10 +71,11 @@ def refit_trial(
     source: Dataset | None = None,
     device: WorkerDevice | None = None,
     message: Any = None,
+    test: bool = True,
 ) -> RefitResult:
     """Train ``trial``'s model again on ``splits.train`` + ``splits.val`` for its
     best epoch count, with its parameters and the study's seed; test metrics
-    on ``splits.test``.
+    on ``splits.test`` (unless ``test`` is False).
 
     Raises:
         StorageError: the trial records no best epoch (it did not complete).
@@ -108,16 +110,18 @@ def refit_trial(
         cache=None, placement=placement,
     )
     losses = trainer.fit(epochs)
-    say("refit: computing test metrics of the refit model")
-    test = evaluate(
-        backbone, device.data(splits.test), spec.train.eval_batch_size, placement=placement
-    ).record(list(splits.classes))
+    metrics = None
+    if test:
+        say("refit: computing test metrics of the refit model")
+        metrics = evaluate(
+            backbone, device.data(splits.test), spec.train.eval_batch_size, placement=placement
+        ).record(list(splits.classes))
     model = backbone.model
     for p in model.parameters():
         p.requires_grad_(True)
     model.to("cpu", memory_format=torch.contiguous_format).float().eval()
     return RefitResult(
         backbone=backbone, trial=trial.number, epochs=epochs, train_examples=len(train),
-        examples_seen=trainer.examples_seen, train_losses=losses, test=test,
+        examples_seen=trainer.examples_seen, train_losses=losses, test=metrics,
         seconds=time.perf_counter() - start,
     )
