@@ -1,10 +1,10 @@
 """Quality benchmark: does the search's pick beat what a practitioner does by hand?
 
 For each data set x seed x arm it runs the product through its public surface
-only (the ``autotransfer search`` command with a generated spec, ``--json`` and
-``--export``; ``autotransfer export --trial``; ``autotransfer.load().predict``)
-and scores the exported model on a held-out test set that the product never
-sees. The arms:
+only (the ``autotransfer search`` command with a generated spec and ``--json``;
+``autotransfer export`` with explicit ``--refit``/``--ensemble`` flags;
+``autotransfer.load().predict``) and scores the exported model on a held-out
+test set that the product never sees. The arms:
 
 - ``finetune``: plain full fine-tune, one trial: freeze 0, lr 1e-3, alpha 0.
 - ``probe``: linear probe, one trial: freeze 1.0 (every trunk block frozen),
@@ -16,6 +16,13 @@ sees. The arms:
   epochs they ran); its pick is the best validation trial among the first
   trials whose epochs add up to at most the search's, exported with
   ``autotransfer export --trial``.
+
+Every arm's pick is scored as the trial's own checkpoint (``export --trial N
+--no-refit --no-ensemble``). The search's pick is also scored refit on train +
+validation (``export --refit --no-ensemble``, the ``search+refit`` row; off with
+``--no-refit``) and as a greedy ensemble of its completed trials, each member refit
+(``export --ensemble --refit``, the ``search+ensemble`` row; off with
+``--no-ensemble``).
 
 Every arm trains ``--epochs`` epochs per trial (6) with the same backbone
 (pretrained ``timm:tf_efficientnet_lite0@packaged`` for images,
