@@ -127,3 +127,19 @@ def test_cli_flag_and_its_conflict_with_trial(tiny: TinyExport, tmp_path: Path) 
     assert bad.exit_code == 2 and "exclude each other" in bad.output
     with pytest.raises(ExportError, match="exclude each other"):
         export_trial(tiny.study, tmp_path / "c", 0, ensemble=True)
+
+
+def test_a_spec_that_asks_for_an_ensemble_still_exports_a_trial_by_number(
+    tiny: TinyExport, tmp_path: Path
+) -> None:
+    from autotransfer.store.records import SPEC_ATTR
+
+    stored = tiny.study.user_attrs[SPEC_ATTR]
+    tiny.study.set_user_attr(SPEC_ATTR, {**stored, "export": {**stored["export"],
+                                                              "ensemble": True}})
+    try:
+        single = export_trial(tiny.study, tmp_path / "one", 0)
+        assert not single.ensemble and single.config["model"]["kind"] == "trial"
+        assert export_trial(tiny.study, tmp_path / "all").config["model"]["kind"] == "ensemble"
+    finally:
+        tiny.study.set_user_attr(SPEC_ATTR, stored)

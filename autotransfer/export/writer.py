@@ -136,7 +136,8 @@ def export_trial(
         ensemble: export a greedy ensemble of the study's completed trials
             (:mod:`autotransfer.tuning.ensemble`), chosen on validation from
             their checkpoints; with ``refit``, each member is then refit on
-            train + validation; None: the spec's ``export.ensemble``.
+            train + validation; None: the spec's ``export.ensemble`` when no
+            ``trial_number`` is given (one is: that trial alone).
 
     Raises:
         ExportError: ``out_dir`` cannot be written.
@@ -155,7 +156,8 @@ def export_trial(
         raise StorageError(f"study '{study.study_name}' records no artifact directory")
     store = artifact_store(Path(artifacts))
     host = get_plugin_host()
-    ensemble = spec.export.ensemble if ensemble is None else ensemble
+    if ensemble is None:  # the spec's choice; a trial asked for by number is that trial
+        ensemble = spec.export.ensemble and trial_number is None
     if ensemble and trial_number is not None:
         raise ExportError(
             f"--trial {trial_number} and --ensemble exclude each other: an ensemble is chosen "
