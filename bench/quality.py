@@ -545,10 +545,22 @@ def portable(arg: str) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else "DIR"
 
 
+def span_minutes(reports: list[dict[str, Any]]) -> float:
+    """Minutes from the earliest ``started`` to the latest end (start + wall)."""
+    import datetime as dt
+
+    def start(r: dict[str, Any]) -> dt.datetime:
+        return dt.datetime.strptime(r["started"], "%Y-%m-%d %H:%M:%S UTC")
+
+    first = min(start(r) for r in reports)
+    return max((start(r) - first).total_seconds() / 60 + r["wall_minutes"] for r in reports)
+
+
 def merge(reports: list[dict[str, Any]], name: str) -> dict[str, Any]:
     """One report from several made side by side with the same settings (each
     process on its own sets or seeds): runs of a set are pooled and summarised
-    again; the wall time is the longest run's."""
+    again; the wall time runs from the first start to the last end (runs made one
+    after another in one process add up)."""
     first = reports[0]
     for r in reports[1:]:
         for key in ("epochs", "image_size", "n_trials", "per_class", "arms"):
@@ -568,7 +580,7 @@ def merge(reports: list[dict[str, Any]], name: str) -> dict[str, Any]:
         **first, "name": name,
         "commit": ", ".join(dict.fromkeys(r["commit"] for r in reports)),
         "started": min(r["started"] for r in reports),
-        "wall_minutes": max(r["wall_minutes"] for r in reports),
+        "wall_minutes": span_minutes(reports),
         "command": " ; ".join(r["command"] for r in reports)
         + " (side by side) ; python bench/quality.py --merge ...",
         "seeds": sorted({seed for r in reports for seed in r["seeds"]}),

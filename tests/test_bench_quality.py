@@ -113,7 +113,8 @@ def test_harness_arms_on_a_tiny_set(tmp_path: Path, make_images) -> None:
     summary = result["summary"]
     assert set(summary) == {*quality.ARMS, quality.REFIT_ROW, quality.ENSEMBLE_ROW}
     assert summary["search"]["seeds"] == 1
-    report = {"name": "t", "machine": "m", "commit": "c", "started": "s", "wall_minutes": 1.0,
+    report = {"name": "t", "machine": "m", "commit": "c", "started": "2026-11-30 10:00:00 UTC",
+              "wall_minutes": 1.0,
               "load_min": 0.0, "load_max": 1.0, "command": "x", "seeds": [0],
               "epochs": 2, "image_size": 32, "n_trials": 3, "arms": quality.ARMS,
               "sets": [result]}
@@ -129,6 +130,9 @@ def test_harness_arms_on_a_tiny_set(tmp_path: Path, make_images) -> None:
         halves.append({**report, "sets": [part], "wall_minutes": 1.0 + len(halves)})
     merged = quality.merge(halves, "m")
     assert merged["sets"][0]["summary"] == summary and merged["wall_minutes"] == 2.0
+    # one run after another: from the first start to the last end
+    later = {**halves[1], "started": "2026-11-30 10:05:00 UTC"}
+    assert quality.merge([halves[0], later], "m")["wall_minutes"] == 7.0
     with pytest.raises(SystemExit, match="epochs"):
         quality.merge([report, {**report, "epochs": 3}], "m")
 
