@@ -64,7 +64,7 @@ def tiny_spec(data: Path, name: str = "tiny-export", n_trials: int = 2) -> Study
             "n_trials": n_trials,
             # the trial's own checkpoint: these tests check it against the study;
             # tests/test_refit.py covers the default (refit on train + val)
-            "export": {"refit": False},
+            "export": {"refit": False, "ensemble": False},
         }
     )
 

@@ -71,18 +71,21 @@ def test_refit_trains_on_train_and_val_and_reports_its_test_metrics(
     assert "test, this refit model" in card and "test, trial" in card
 
 
-def test_refit_is_the_default(tiny: TinyExport, tmp_path: Path) -> None:
-    """A spec that says nothing refits; the stored spec's own choice wins."""
+def test_a_refit_ensemble_is_the_default(tiny: TinyExport, tmp_path: Path) -> None:
+    """A spec that says nothing exports the greedy ensemble, its members refit; the
+    stored spec's own choice wins (the fixture's says neither)."""
     from autotransfer.spec.model import ExportSpec
 
-    assert ExportSpec().refit is True
+    assert ExportSpec().refit is True and ExportSpec().ensemble is True
     stored = tiny.study.user_attrs[SPEC_ATTR]
     tiny.study.set_user_attr(SPEC_ATTR, {k: v for k, v in stored.items() if k != "export"})
     try:
         result = export_trial(tiny.study, tmp_path / "default")
     finally:
         tiny.study.set_user_attr(SPEC_ATTR, stored)
-    assert result.refit and result.config["model"]["kind"] == "refit"
+    assert result.refit and result.ensemble
+    assert result.config["model"]["kind"] == "ensemble"
+    assert result.config["model"]["trained_on"] == "train+val"
 
 
 def test_no_refit_export_holds_the_trial_weights(tiny: TinyExport) -> None:
@@ -101,7 +104,7 @@ def test_cli_follows_the_spec_and_the_flag_overrides_it(tiny: TinyExport, tmp_pa
     `--no-refit` exports the trial's weights instead."""
     args = ["export", "--storage", tiny.storage, "--study-name", "tiny-export"]
     stored = tiny.study.user_attrs[SPEC_ATTR]
-    tiny.study.set_user_attr(SPEC_ATTR, {**stored, "export": {"refit": True}})
+    tiny.study.set_user_attr(SPEC_ATTR, {**stored, "export": {"refit": True, "ensemble": False}})
     try:
         refit = runner.invoke(app, [*args, str(tmp_path / "a")])
         plain = runner.invoke(app, [*args, str(tmp_path / "b"), "--no-refit"])

@@ -454,7 +454,7 @@ class ExportSpec(_Model):
         "default, measured in docs/search.md (docs/export.md)",
     )
     ensemble: bool = Field(
-        False,
+        True,
         description="export a greedy ensemble of the completed trials, chosen on validation "
         "(one model averaging the members' probabilities; each member refit on train + "
         "validation when refit is on; docs/export.md)",
