@@ -42,7 +42,7 @@ def export(
             help="Export a greedy ensemble of the completed trials (chosen on validation, "
             "from their checkpoints; one model averaging their probabilities, each member "
             "runs at inference) instead of one trial; with the refit, each member is refit "
-            "on train + validation; default: the spec's export.ensemble (off).",
+            "on train + validation; default: the spec's export.ensemble (on).",
             show_default=False,
         ),
     ] = None,

@@ -457,7 +457,7 @@ class ExportSpec(_Model):
         True,
         description="export a greedy ensemble of the completed trials, chosen on validation "
         "(one model averaging the members' probabilities; each member refit on train + "
-        "validation when refit is on; docs/export.md)",
+        "validation when refit is on); on by default, measured in docs/export.md",
     )
 
 
