@@ -8,14 +8,20 @@ quality.py holds out), and scores several selection rules, all chosen on
 validation only, all from checkpoints (no refit):
 
 - ``pick``: the product's best trial (validation accuracy, ties by loss);
-- ``greedy-acc``: the product's ensemble rule (``tuning/ensemble.greedy_selection``:
-  Caruana's greedy with replacement on accuracy, ties by log-loss, from the pick);
-- ``greedy-nll``: the same greedy on validation log-loss alone;
+- ``greedy-acc``: Caruana's greedy with replacement from the pick
+  (``tuning/ensemble.greedy_selection``) on validation accuracy, ties by log-loss
+  (the product's rule until the s3 run);
+- ``greedy-nll``: the same greedy on validation log-loss (the product's rule since);
 - ``top3`` / ``top5``: the uniform mean of the 3 / 5 best trials by validation;
 - ``all``: the uniform mean of every completed trial.
 
     python bench/ensemble_variants.py --work DIR [DIR ...] --data DIR/per-class-40 \\
-        --name s3
+        --name s3 [--export --quality bench/results/quality-s3.json]
+
+With ``--export`` it also runs the product's default export (``autotransfer export
+--ensemble --refit``, whatever its rule is at this commit) on each study and scores
+it on the held-out test (``export`` in the rows); ``--quality`` names the quality
+run the studies came from, to compare with its single refit pick.
 
 Writes ``bench/results/ensemble_variants-NAME.json`` and prints a table. It
 measures the selection rule only; the benchmark's rows measure what the export
@@ -26,8 +32,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,20 +62,7 @@ def nll(p: torch.Tensor, labels: torch.Tensor) -> float:
     return float(-p.clamp_min(1e-12).log().gather(1, labels[:, None]).mean())
 
 
-def greedy_nll(val: list[torch.Tensor], labels: torch.Tensor, first: int,
-               rounds: int = 10) -> list[int]:
-    chosen = [first]
-    best = nll(val[first], labels)
-    for _ in range(rounds - 1):
-        i, s = min(((i, nll(torch.stack([val[j] for j in [*chosen, i]]).mean(0), labels))
-                    for i in range(len(val))), key=lambda t: t[1])
-        if s >= best:
-            break
-        chosen, best = [*chosen, i], s
-    return chosen
-
-
-def study_rules(folder: Path, data_root: Path) -> dict[str, Any]:
+def study_rules(folder: Path, data_root: Path, export: bool = False) -> dict[str, Any]:
     """Every rule's validation and held-out test accuracy on one kept search study."""
     stem = folder.name.removesuffix("-search")  # <set>-s<seed>
     name, seed = stem.rsplit("-s", 1)[0], int(stem.rsplit("-s", 1)[1])
@@ -98,8 +93,8 @@ def study_rules(folder: Path, data_root: Path) -> dict[str, Any]:
                                                        nll(val_p[i], yv)))
     members = {
         "pick": [pick],
-        "greedy-acc": greedy_selection(val_p, yv, first=pick),
-        "greedy-nll": greedy_nll(val_p, yv, pick),
+        "greedy-acc": greedy_selection(val_p, yv, first=pick, criterion="accuracy"),
+        "greedy-nll": greedy_selection(val_p, yv, first=pick, criterion="log_loss"),
         "top3": by_val[:3],
         "top5": by_val[:5],
         "all": list(range(len(trials))),
@@ -108,7 +103,23 @@ def study_rules(folder: Path, data_root: Path) -> dict[str, Any]:
     def acc(ps: list[torch.Tensor], idx: list[int], y: torch.Tensor) -> float:
         return float((torch.stack([ps[i] for i in idx]).mean(0).argmax(1) == y).float().mean())
 
+    row: dict[str, Any] = {}
+    if export:
+        out = folder / "ensemble-export"
+        if out.exists():
+            shutil.rmtree(out)
+        t0 = time.monotonic()
+        quality.cli("export", "--storage", f"sqlite:///{folder / 'study.db'}", "--study-name",
+                    study.study_name, "--ensemble", "--refit", str(out), cwd=folder)
+        held_model = json.loads((out / "config.json").read_text())["model"]
+        row["export"] = {
+            "members": [m["trial"] for m in held_model["members"]],
+            "weights": [m["weight"] for m in held_model["members"]],
+            "test_accuracy": quality.score(out, test_items)["accuracy"],
+            "seconds": round(time.monotonic() - t0, 1),
+        }
     return {
+        **row,
         "set": name, "seed": seed, "candidates": len(trials),
         "rules": {r: {"members": [trials[i].number for i in idx],
                       "distinct": len(set(idx)),
@@ -120,21 +131,31 @@ def study_rules(folder: Path, data_root: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--work", type=Path, nargs="+", required=True,
+    p.add_argument("--work", type=Path, nargs="+", default=[],
                    help="quality.py --keep work folders")
-    p.add_argument("--data", type=Path, required=True, help="the sets (e.g. DIR/per-class-40)")
+    p.add_argument("--data", type=Path, default=None, help="the sets (e.g. DIR/per-class-40)")
+    p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="summarise the rows of earlier runs (made side by side) together")
     p.add_argument("--name", default="run")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--export", action="store_true",
+                   help="also score the product's default export (export --ensemble --refit)")
+    p.add_argument("--quality", type=Path, default=None,
+                   help="the quality run's JSON the studies came from (its refit row)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     folders = sorted(f for w in args.work for f in w.glob("*-s*-search") if f.is_dir())
-    rows = []
+    if not args.merge and (not folders or args.data is None):
+        p.error("give --work (kept quality studies) and --data, or --merge")
+    rows = [row for f in args.merge or [] for row in json.loads(f.read_text())["rows"]]
+    args.export = args.export or all("export" in row for row in rows) and bool(rows)
     for folder in folders:
-        row = study_rules(folder, args.data)
+        row = study_rules(folder, args.data, args.export)
         rows.append(row)
         print(f"{row['set']} s{row['seed']}: " + "  ".join(
-            f"{r} {v['test_accuracy']:.3f}/{v['distinct']}" for r, v in row["rules"].items()),
-            flush=True)
+            f"{r} {v['test_accuracy']:.3f}/{v['distinct']}" for r, v in row["rules"].items())
+            + (f"  export {row['export']['test_accuracy']:.3f}/{len(row['export']['members'])}"
+               if "export" in row else ""), flush=True)
     print("\nmean held-out test accuracy per rule (and vs pick):")
     summary = {}
     for r in RULES:
@@ -148,6 +169,33 @@ def main(argv: list[str] | None = None) -> int:
         s = summary[r]
         print(f"  {r:10s} {s['test_accuracy']:.3f}  {100 * s['gain_vs_pick']:+.1f} points  "
               f"{s['wins']}W/{s['losses']}L  {s['distinct']:.1f} members")
+    if args.export:
+        refit = {}
+        if args.quality:
+            for s in json.loads(args.quality.read_text())["sets"]:
+                for r in s["runs"]:
+                    if r["arm"] == "search" and "refit_test_accuracy" in r:
+                        refit[(s["name"], r["seed"])] = r["refit_test_accuracy"]
+        gains = [row["export"]["test_accuracy"] - row["rules"]["pick"]["test_accuracy"]
+                 for row in rows]
+        summary["export"] = {
+            "test_accuracy": statistics.fmean(row["export"]["test_accuracy"] for row in rows),
+            "gain_vs_pick": statistics.fmean(gains),
+            "wins": sum(g > 0 for g in gains), "losses": sum(g < 0 for g in gains),
+            "distinct": statistics.fmean(len(row["export"]["members"]) for row in rows),
+        }
+        s = summary["export"]
+        print(f"  export     {s['test_accuracy']:.3f}  {100 * s['gain_vs_pick']:+.1f} points  "
+              f"{s['wins']}W/{s['losses']}L  {s['distinct']:.1f} members (refit ensemble)")
+        vs = [row["export"]["test_accuracy"] - refit[(row["set"], row["seed"])]
+              for row in rows if (row["set"], row["seed"]) in refit]
+        if vs:
+            s["gain_vs_refit_pick"] = statistics.fmean(vs)
+            s["wins_vs_refit_pick"] = sum(g > 1e-9 for g in vs)
+            s["losses_vs_refit_pick"] = sum(g < -1e-9 for g in vs)
+            print(f"  export vs the single refit pick: {100 * s['gain_vs_refit_pick']:+.1f} "
+                  f"points, {s['wins_vs_refit_pick']}W/{s['losses_vs_refit_pick']}L "
+                  f"of {len(vs)}")
     out = quality.RESULTS / f"ensemble_variants-{args.name}.json"
     out.write_text(json.dumps({"machine": quality.machine(), "commit": quality.git_commit(),
                                "command": " ".join(quality.portable(a) for a in sys.argv),

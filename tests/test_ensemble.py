@@ -35,9 +35,22 @@ def test_greedy_selection_adds_only_what_raises_validation() -> None:
     a = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.1, 0.9], [0.55, 0.45]])  # 3 of 4
     b = torch.tensor([[0.4, 0.6], [0.9, 0.1], [0.1, 0.9], [0.1, 0.9]])  # 3 of 4, worse log-loss
     c = torch.tensor([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])  # all wrong
-    chosen = greedy_selection([c, a, b], labels)
+    chosen = greedy_selection([c, a, b], labels, criterion="accuracy")
     assert chosen[0] == 1 and set(chosen) == {1, 2}  # a + b: 4 of 4; c never
-    assert greedy_selection([c, c], labels) == [0]
+    assert greedy_selection([c, c], labels, criterion="accuracy") == [0]
+
+
+def test_greedy_selection_on_log_loss_adds_what_lowers_it() -> None:
+    """Same accuracy, different confidence: the log-loss greedy adds the member
+    whose probabilities lower the mean's log-loss, never one that raises it."""
+    labels = torch.tensor([0, 1, 0, 1])
+    sure = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.55, 0.45], [0.6, 0.4]])  # 3 of 4
+    # 3 of 4 (the same miss) and a worse log-loss alone, but sure where `sure` is not
+    other = torch.tensor([[0.6, 0.4], [0.45, 0.55], [0.95, 0.05], [0.55, 0.45]])
+    bad = torch.tensor([[0.01, 0.99], [0.99, 0.01], [0.01, 0.99], [0.99, 0.01]])
+    chosen = greedy_selection([sure, other, bad], labels)
+    assert chosen[0] == 0 and 1 in chosen and 2 not in chosen
+    assert greedy_selection([sure, other, bad], labels, first=2)[0] == 2  # starts there
 
 
 def test_ensemble_model_is_the_weighted_mean_of_probabilities() -> None:
