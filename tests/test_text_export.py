@@ -69,7 +69,8 @@ def text_export(tmp_path_factory: pytest.TempPathFactory) -> TextExport:
                    "batch_size": 8, "alpha": 0.1},
         "train": {"epochs": 2, "threads": 2},
         "pruner": {"type": "none"}, "sampler": {"type": "random"}, "n_trials": 1,
-        "export": {"refit": False, "ensemble": False},  # the trial's checkpoint, compared with the programs
+        # the trial's checkpoint, compared with the programs
+        "export": {"refit": False, "ensemble": False},
     })
     outcome = search_mod.run_search(spec, f"sqlite:///{root / 'db.sqlite'}",
                                     root / "artifacts", Progress(epochs=2))
