@@ -48,18 +48,19 @@ import quality  # noqa: E402  (bench/quality.py: the held-out split and pool wri
 from autotransfer.data.datasets import load_dataset  # noqa: E402
 from autotransfer.plugins.host import get_plugin_host  # noqa: E402
 from autotransfer.store.checkpoints import load_trial_backbone  # noqa: E402
-from autotransfer.store.records import ARTIFACTS_ATTR, PREPROCESSING_ATTR  # noqa: E402
+from autotransfer.store.records import ARTIFACTS_ATTR  # noqa: E402
 from autotransfer.store.storage import artifact_store  # noqa: E402
 from autotransfer.store.studies import load_study, stored_spec  # noqa: E402
 from autotransfer.store.summary import best_trial  # noqa: E402
-from autotransfer.tuning.ensemble import greedy_selection, probabilities  # noqa: E402
+from autotransfer.tuning.ensemble import (  # noqa: E402
+    candidate_trials,
+    greedy_selection,
+    log_loss,
+    probabilities,
+)
 from autotransfer.tuning.search import prepare_data  # noqa: E402
 
 RULES = ("pick", "greedy-acc", "greedy-nll", "top3", "top5", "all")
-
-
-def nll(p: torch.Tensor, labels: torch.Tensor) -> float:
-    return float(-p.clamp_min(1e-12).log().gather(1, labels[:, None]).mean())
 
 
 def study_rules(folder: Path, data_root: Path, export: bool = False) -> dict[str, Any]:
@@ -76,9 +77,7 @@ def study_rules(folder: Path, data_root: Path, export: bool = False) -> dict[str
     assert list(test.classes) == list(splits.classes)
     best = best_trial(study)
     assert best is not None
-    pipeline = best.user_attrs.get(PREPROCESSING_ATTR)
-    trials = [t for t in study.get_trials(deepcopy=False)
-              if t.state.name == "COMPLETE" and t.user_attrs.get(PREPROCESSING_ATTR) == pipeline]
+    trials = candidate_trials(study, best)
     store = artifact_store(Path(study.user_attrs[ARTIFACTS_ATTR]))
     host = get_plugin_host()
     val_p, test_p = [], []
@@ -90,7 +89,7 @@ def study_rules(folder: Path, data_root: Path, export: bool = False) -> dict[str
     yv, yt = splits.val.labels.cpu(), test.labels.cpu()
     pick = next(i for i, t in enumerate(trials) if t.number == best.number)
     by_val = sorted(range(len(trials)), key=lambda i: (-float(trials[i].value),
-                                                       nll(val_p[i], yv)))
+                                                       log_loss(val_p[i], yv)))
     members = {
         "pick": [pick],
         "greedy-acc": greedy_selection(val_p, yv, first=pick, criterion="accuracy"),

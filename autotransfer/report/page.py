@@ -116,7 +116,11 @@ def _backbone_key(b: Any) -> str:
     return str(b)
 
 
-def _summary(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> str:
+def _summary(
+    study: optuna.Study,
+    trials: list[optuna.trial.FrozenTrial],
+    best: optuna.trial.FrozenTrial | None,
+) -> str:
     raw_spec = study.user_attrs.get(SPEC_ATTR) or {}
     counts = Counter(t.state.name for t in trials)
     states = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) or "none"
@@ -134,12 +138,9 @@ def _summary(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> str
     parts += [f"<dt>{_esc(k)}</dt><dd>{_esc(v)}</dd>" for k, v in rows if v not in (None, "")]
     parts.append("</dl>")
 
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    if not complete:
+    if best is None:
         parts.append(_note("No trial has completed yet: there is no best trial."))
         return "\n".join(parts)
-    best = best_trial(study)
-    assert best is not None
     a = best.user_attrs
     p = best.params
     best_rows = [
@@ -173,12 +174,10 @@ def _summary(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> str
     return "\n".join(parts)
 
 
-def _test_set(study: optuna.Study, complete: list[Any], figs: _Figures) -> str:
+def _test_set(study: optuna.Study, best: optuna.trial.FrozenTrial | None, figs: _Figures) -> str:
     """The best trial's test metrics per class, and its confusion matrix."""
-    if not complete:
+    if best is None:
         return _note("No completed trial yet: there is no best trial to test.")
-    best = best_trial(study)
-    assert best is not None
     test = test_metrics(study).get(str(best.number))
     if not test:
         return _note("Test metrics are not computed yet (the search computes them at its end).")
@@ -422,8 +421,8 @@ def render_report(study: optuna.Study) -> str:
     best = top.number if top is not None else None
     figs = _Figures()
     sections = [
-        ("summary", "Summary", _summary(study, trials)),
-        ("test", "Test set: per class and confusion matrix", _test_set(study, complete, figs)),
+        ("summary", "Summary", _summary(study, trials, top)),
+        ("test", "Test set: per class and confusion matrix", _test_set(study, top, figs)),
         ("history", "Optimisation history", _history(study, complete, figs)),
         ("importances", "Parameter importances", _importances(study, complete, figs)),
         ("backbones", "Accuracy per backbone", _per_backbone(records, figs)),

@@ -85,6 +85,22 @@ def probabilities(backbone: Backbone, data: Dataset, batch_size: int = 256) -> t
     return torch.cat(out)
 
 
+def log_loss(p: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean negative log-probability of the true class under ``p`` ((n, classes))."""
+    return float(-p.clamp_min(1e-12).log().gather(1, labels[:, None]).mean())
+
+
+def candidate_trials(
+    study: optuna.Study, best: optuna.trial.FrozenTrial
+) -> list[optuna.trial.FrozenTrial]:
+    """The COMPLETE trials with ``best``'s input pipeline (``preprocessing``)."""
+    pipeline = best.user_attrs.get(PREPROCESSING_ATTR)
+    return [
+        t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if t.user_attrs.get(PREPROCESSING_ATTR) == pipeline
+    ]
+
+
 def greedy_selection(val: list[torch.Tensor], labels: torch.Tensor, rounds: int = 10,
                      first: int | None = None,
                      criterion: Literal["log_loss", "accuracy"] = "log_loss") -> list[int]:
@@ -96,7 +112,7 @@ def greedy_selection(val: list[torch.Tensor], labels: torch.Tensor, rounds: int 
 
     def score(chosen: list[int]) -> tuple[float, ...]:
         p = torch.stack([val[i] for i in chosen]).mean(0)
-        nll = float(-p.clamp_min(1e-12).log().gather(1, labels[:, None]).mean())
+        nll = log_loss(p, labels)
         if criterion == "log_loss":
             return (-nll,)
         return float((p.argmax(1) == labels).float().mean()), -nll
@@ -124,11 +140,7 @@ def select_ensemble(
     """The greedy ensemble of ``study``'s COMPLETE trials with ``best``'s input
     pipeline, chosen on ``val``, reloaded from their checkpoints."""
     say = say or (lambda _msg: None)
-    pipeline = best.user_attrs.get(PREPROCESSING_ATTR)
-    candidates = [
-        t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-        if t.user_attrs.get(PREPROCESSING_ATTR) == pipeline
-    ]
+    candidates = candidate_trials(study, best)
     say(f"export: ensemble: scoring {len(candidates)} completed trial(s) on validation")
     backbones, probs = [], []
     for t in candidates:
