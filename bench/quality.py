@@ -18,11 +18,12 @@ test set that the product never sees. The arms:
   ``autotransfer export --trial``.
 
 Every arm's pick is scored as the trial's own checkpoint (``export --trial N
---no-refit --no-ensemble``). The search's pick is also scored refit on train +
-validation (``export --refit --no-ensemble``, the ``search+refit`` row; off with
-``--no-refit``) and as a greedy ensemble of its completed trials, each member refit
-(``export --ensemble --refit``, the ``search+ensemble`` row; off with
-``--no-ensemble``).
+--no-refit --no-ensemble``). The search is also scored as the product exports it
+by default: a greedy ensemble of its completed trials, each member refit on train +
+validation (``export --ensemble --refit``, the ``search+ensemble`` row; off with
+``--no-ensemble``; members from their checkpoints with ``--no-refit``). With
+``--refit-row`` the search's single pick refit on train + validation is scored too
+(``export --refit --no-ensemble``, the ``search+refit`` row).
 
 Every arm trains ``--epochs`` epochs per trial (6) with the same backbone
 (pretrained ``timm:tf_efficientnet_lite0@packaged`` for images,
@@ -31,13 +32,17 @@ pool of labelled examples and the same seed (spec ``seed`` and ``data.seed``),
 so the arms of one seed see the same train/validation split. All other spec
 fields are the product's defaults, whatever they are at the commit under test.
 
-The held-out test set: a fixed, stratified 25 % of each set (seed 12345,
-independent of the run seed), written apart from the pool the product gets, so
-changes of the product's own split defaults do not change the test set. The
-product's own test split of the pool (``test`` in its JSON) is recorded too.
+The held-out test set: each class is shuffled once (seed 12345, independent of
+the run seed); its first ``--pool-per-class`` examples (30) form the pool the
+product gets, labelled data a user would have, and up to ``--test-per-class`` (40)
+of the rest the test set, written apart from the pool, so changes of the product's
+own split defaults do not change it. A class too small for both keeps at least 25 %
+for the test. The test set is larger than the product's own validation split on
+purpose: the noise of the measurement should not hide the differences between arms.
+The product's own test split of the pool (``test`` in its JSON) is recorded too.
 
     python bench/datasets.py                   # build the four sets (see its docstring)
-    python bench/quality.py --per-class 80     # all sets, seeds 0 1 2 (not timed whole yet)
+    python bench/quality.py                    # all sets, seeds 0 1 2 (bench/README.md: timing)
     python bench/quality.py --quick            # one set per modality, one seed, tiny sizes
     python bench/quality.py --sets emoji fortunes --seeds 0 --name mytry
 
@@ -86,7 +91,10 @@ completed trials, chosen on validation, each member refit on train + validation
 REFIT_ROW = "search+refit"
 """The search arm's pick refit on train + validation (``export --refit``)."""
 TEST_FRACTION = 0.25
+"""The least share of a class held out for the test set."""
 TEST_SEED = 12345
+POOL_PER_CLASS = 30
+TEST_PER_CLASS = 40
 
 
 # ------------------------------------------------------------------ data
@@ -103,9 +111,13 @@ def read_set(folder: Path) -> tuple[str, list[tuple[str, str]]]:
     return "image", items
 
 
-def hold_out(items: list[tuple[str, str]], fraction: float = TEST_FRACTION,
+def hold_out(items: list[tuple[str, str]], pool_per_class: int | None = POOL_PER_CLASS,
+             test_per_class: int | None = TEST_PER_CLASS, fraction: float = TEST_FRACTION,
              seed: int = TEST_SEED) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """Stratified (pool, test) split, fixed by ``seed``."""
+    """Stratified (pool, test) split, fixed by ``seed``: per class, a shuffle; the
+    first ``pool_per_class`` items are the pool (fewer when that would leave under
+    ``fraction`` of the class for the test; ``None``: all but ``fraction``), then
+    up to ``test_per_class`` of the rest are the test (``None``: all the rest)."""
     by_class: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for item in items:
         by_class[item[1]].append(item)
@@ -114,9 +126,12 @@ def hold_out(items: list[tuple[str, str]], fraction: float = TEST_FRACTION,
     for label in sorted(by_class):
         group = by_class[label]
         order = rng.permutation(len(group))
-        n_test = max(1, round(fraction * len(group)))
-        test += [group[i] for i in order[:n_test]]
-        pool += [group[i] for i in order[n_test:]]
+        n_pool = len(group) - max(1, round(fraction * len(group)))
+        if pool_per_class is not None:
+            n_pool = min(n_pool, pool_per_class)
+        rest = order[n_pool:]
+        pool += [group[i] for i in order[:n_pool]]
+        test += [group[i] for i in (rest if test_per_class is None else rest[:test_per_class])]
     return pool, test
 
 
@@ -246,7 +261,7 @@ def run_arm(arm: str, ctx: dict[str, Any], budget: int | None = None) -> dict[st
     test = score(export, ctx["test"])
     rows: dict[str, Any] = {}
     # A failed extra export (a refit that diverged, say) is recorded, not fatal.
-    if arm == "search" and ctx.get("refit"):
+    if arm == "search" and ctx.get("refit_row"):
         # the same pick refit on train + validation for its best epoch count
         t1 = time.monotonic()
         try:
@@ -310,10 +325,11 @@ def run_arm(arm: str, ctx: dict[str, Any], budget: int | None = None) -> dict[st
     return out
 
 
-def prepare_set(name: str, folder: Path, work: Path) -> dict[str, Any]:
+def prepare_set(name: str, folder: Path, work: Path, pool_per_class: int | None = POOL_PER_CLASS,
+                test_per_class: int | None = TEST_PER_CLASS) -> dict[str, Any]:
     """Read a materialised set, hold out its test set, write the pool."""
     modality, items = read_set(folder)
-    pool, test = hold_out(items)
+    pool, test = hold_out(items, pool_per_class, test_per_class)
     data = write_pool(modality, pool, work / f"{name}-pool")
     meta_file = folder / "dataset.json"
     meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
@@ -329,15 +345,17 @@ def prepare_set(name: str, folder: Path, work: Path) -> dict[str, Any]:
 def run_seed(prepared: dict[str, Any], seed: int, arms: list[str], work: Path, epochs: int,
              image_size: int, n_trials: int, backbones: dict[str, str], keep: bool = False,
              log: Any = print, on_run: Any = None, threads: int | None = None,
-             refit: bool = True, ensemble: bool = False) -> None:
+             refit: bool = True, ensemble: bool = False, refit_row: bool = False) -> None:
     """Every arm on one prepared set and seed; runs are appended to it. With
-    ``refit``, the search arm's pick is also refit on train + validation and
-    scored (``refit_test_*``: the ``search+refit`` row)."""
+    ``ensemble``, the search is also exported as a greedy ensemble (members refit
+    with ``refit``) and scored (the ``search+ensemble`` row); with ``refit_row``, its
+    pick is also refit on train + validation and scored (``refit_test_*``: the
+    ``search+refit`` row)."""
     ctx = {"set": prepared["name"], "seed": seed, "work": work, "data": prepared["data"],
            "modality": prepared["modality"], "backbone": backbones[prepared["modality"]],
            "epochs": epochs, "image_size": image_size, "n_trials": n_trials,
            "test": prepared["test"], "keep": keep, "threads": threads, "refit": refit,
-           "ensemble": ensemble}
+           "ensemble": ensemble, "refit_row": refit_row}
     budget = None
     for arm in arms:
         if arm == "random" and budget is None:
@@ -369,13 +387,14 @@ def public(prepared: dict[str, Any], arms: list[str], backbones: dict[str, str]
 
 def run_set(name: str, folder: Path, seeds: list[int], arms: list[str], work: Path,
             epochs: int, image_size: int, n_trials: int, backbones: dict[str, str],
-            keep: bool = False, log: Any = print, refit: bool = True, ensemble: bool = False
-            ) -> dict[str, Any]:
+            keep: bool = False, log: Any = print, refit: bool = True, ensemble: bool = False,
+            refit_row: bool = False, pool_per_class: int | None = POOL_PER_CLASS,
+            test_per_class: int | None = TEST_PER_CLASS) -> dict[str, Any]:
     """Every seed and arm on one set (the test's entry point)."""
-    prepared = prepare_set(name, folder, work)
+    prepared = prepare_set(name, folder, work, pool_per_class, test_per_class)
     for seed in seeds:
         run_seed(prepared, seed, arms, work, epochs, image_size, n_trials, backbones, keep, log,
-                 refit=refit, ensemble=ensemble)
+                 refit=refit, ensemble=ensemble, refit_row=refit_row)
     return public(prepared, arms, backbones)
 
 
@@ -454,9 +473,7 @@ def markdown(report: dict[str, Any]) -> str:
              f"{report['image_size']} px; search arm {report['n_trials']} trials (spec "
              "defaults otherwise); finetune = freeze 0, lr 1e-3, α 0; probe = freeze 1.0, "
              "lr 1e-2, α 0; random = sampler.type random, picked within the search's "
-             "trained epochs. Test = a fixed stratified 25 % held out from each set (never "
-             "given to the product); the product gets the other 75 % and splits it with its "
-             "own defaults.", "",
+             "trained epochs. " + split_text(report), "",
              "## Test accuracy and macro-F1 (mean ± std over seeds)", "",
              "| set | arm | test acc | test macro-F1 | picked val acc | epochs | wall s |",
              "|---|---|---|---|---|---|---|"]
@@ -500,6 +517,18 @@ def markdown(report: dict[str, Any]) -> str:
 PICK_ROWS = ("search", REFIT_ROW, ENSEMBLE_ROW)
 """The search's pick as the product can export it: the trial's checkpoint, refit,
 greedy ensemble; each is held to the targets against the hand baselines."""
+
+
+def split_text(report: dict[str, Any]) -> str:
+    """How the report's sets were split into the product's pool and the test set."""
+    pool, test = report.get("pool_per_class"), report.get("test_per_class")
+    if pool is None and test is None:  # reports made before the options existed
+        return ("Test = a fixed stratified 25 % held out from each set (never given to the "
+                "product); the product gets the other 75 % and splits it with its own defaults.")
+    return (f"Per class, the product gets {pool or 'all but 25 %'} examples (its pool, split "
+            "with its own defaults) and the test set holds "
+            f"{'all the rest' if test is None else f'up to {test} of the rest'} (fixed shuffle, "
+            "at least 25 % of a class; never given to the product).")
 
 
 def targets(report: dict[str, Any]) -> list[str]:
@@ -563,7 +592,8 @@ def merge(reports: list[dict[str, Any]], name: str) -> dict[str, Any]:
     after another in one process add up)."""
     first = reports[0]
     for r in reports[1:]:
-        for key in ("epochs", "image_size", "n_trials", "per_class", "arms"):
+        for key in ("epochs", "image_size", "n_trials", "per_class", "arms", "pool_per_class",
+                    "test_per_class"):
             if r.get(key) != first.get(key):
                 raise SystemExit(f"error: cannot merge: '{key}' differs ({first.get(key)} vs "
                                  f"{r.get(key)}); merge runs made with the same settings")
@@ -601,7 +631,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--n-trials", type=int, default=10, help="the search arm's trials")
-    parser.add_argument("--per-class", type=int, default=100, help="examples per class, at most")
+    parser.add_argument("--per-class", type=int, default=100,
+                        help="examples per class of the built sets, at most (pool and test)")
+    parser.add_argument("--pool-per-class", type=int, default=POOL_PER_CLASS,
+                        help="labelled examples per class given to the product (default: "
+                        "%(default)s; 0: all but 25 %%)")
+    parser.add_argument("--test-per-class", type=int, default=TEST_PER_CLASS,
+                        help="held-out test examples per class, at most (default: %(default)s;"
+                        " 0: all the rest)")
     parser.add_argument("--image-backbone", default=IMAGE_BACKBONE)
     parser.add_argument("--text-backbone", default=TEXT_BACKBONE)
     parser.add_argument("--threads", type=int, default=None,
@@ -615,7 +652,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=None, help="work folder (default: temp)")
     parser.add_argument("--keep", action="store_true", help="keep studies and exports")
     parser.add_argument("--no-refit", dest="refit", action="store_false",
-                        help="skip refitting the search's pick on train + validation")
+                        help="ensemble members from their checkpoints, not refit on train + "
+                        "validation")
+    parser.add_argument("--refit-row", action="store_true",
+                        help="also score the search's single pick refit on train + validation "
+                        "(export --refit --no-ensemble; the search+refit row)")
     parser.add_argument("--ensemble", action=argparse.BooleanOptionalAction, default=True,
                         help="also score a greedy ensemble of the search's completed trials "
                         "(export --ensemble: chosen on validation, each member refit unless "
@@ -634,6 +675,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.sets = args.sets or ["emoji", "fortunes"]
         args.seeds, args.per_class, args.image_size = [0], 30, 32
+        args.pool_per_class, args.test_per_class = 20, 10
         args.n_trials, args.epochs = 3, 2
         args.name += "-quick"
     names = args.sets or list(datasets.BUILDERS)
@@ -649,7 +691,8 @@ def main(argv: list[str] | None = None) -> int:
             folder = datasets.build(name, out, per_class=args.per_class)
         else:
             folder = Path(name)
-        prepared.append(prepare_set(folder.name, folder, work))
+        prepared.append(prepare_set(folder.name, folder, work, args.pool_per_class or None,
+                                    args.test_per_class or None))
     args.results.mkdir(parents=True, exist_ok=True)
     stem = args.results / f"quality-{args.name}"
 
@@ -663,7 +706,9 @@ def main(argv: list[str] | None = None) -> int:
                 portable(a) for a in (argv if argv is not None else sys.argv[1:])),
             "seeds": args.seeds, "arms": args.arms, "epochs": args.epochs,
             "image_size": args.image_size, "n_trials": args.n_trials,
-            "per_class": args.per_class, "threads": args.threads, "test_fraction": TEST_FRACTION,
+            "per_class": args.per_class, "pool_per_class": args.pool_per_class or None,
+            "test_per_class": args.test_per_class or None,
+            "threads": args.threads, "test_fraction": TEST_FRACTION,
             "test_seed": TEST_SEED, "fixed_arms": FIXED, "load_min": min(loads),
             "load_max": max(loads), "sets": sets,
         }
@@ -677,7 +722,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"== {p['name']} seed {seed}", flush=True)
             run_seed(p, seed, args.arms, work, args.epochs, args.image_size, args.n_trials,
                      backbones, args.keep, log=lambda s: print(s, flush=True), on_run=write,
-                     threads=args.threads, refit=args.refit, ensemble=args.ensemble)
+                     threads=args.threads, refit=args.refit, ensemble=args.ensemble,
+                     refit_row=args.refit_row)
     report = write()
     print(markdown(report))
     print(f"wrote {stem}.json and .md")

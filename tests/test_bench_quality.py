@@ -58,12 +58,25 @@ def test_builders_write_a_labelled_set(name: str, tmp_path: Path) -> None:
 
 def test_hold_out_is_stratified_fixed_and_disjoint() -> None:
     items = [(f"x{c}{i}", c) for c in "abc" for i in range(20)]
-    pool, test = quality.hold_out(items)
+    pool, test = quality.hold_out(items, pool_per_class=None, test_per_class=None)
     assert len(test) == 15 and len(pool) == 45
     assert {label for _, label in test} == {"a", "b", "c"}
     assert not {i for i, _ in pool} & {i for i, _ in test}
-    assert quality.hold_out(list(reversed(items)))[1] != [] and quality.hold_out(items) == (
-        pool, test)
+    assert quality.hold_out(list(reversed(items)))[1] != [] and quality.hold_out(
+        items, pool_per_class=None, test_per_class=None) == (pool, test)
+
+
+def test_hold_out_gives_the_pool_a_fixed_size_and_the_test_the_rest() -> None:
+    # class a is large, b has room for the pool and a little test, c is too small
+    items = ([(f"a{i}", "a") for i in range(100)] + [(f"b{i}", "b") for i in range(36)]
+             + [(f"c{i}", "c") for i in range(20)])
+    pool, test = quality.hold_out(items, pool_per_class=30, test_per_class=40)
+    count = lambda rows, c: sum(label == c for _, label in rows)  # noqa: E731
+    assert [count(pool, c) for c in "abc"] == [30, 27, 15]  # b and c keep 25 % for the test
+    assert [count(test, c) for c in "abc"] == [40, 9, 5]
+    assert not {i for i, _ in pool} & {i for i, _ in test}
+    # the pool does not depend on how much is held out for the test
+    assert quality.hold_out(items, pool_per_class=30, test_per_class=None)[0] == pool
 
 
 def test_fixed_arms_pin_the_space_and_random_sets_the_sampler(tmp_path: Path) -> None:
@@ -86,7 +99,8 @@ def test_harness_arms_on_a_tiny_set(tmp_path: Path, make_images) -> None:
     result = quality.run_set(
         "tiny", folder, seeds=[0], arms=quality.ARMS, work=tmp_path / "work", epochs=2,
         image_size=32, n_trials=3, backbones={"image": TINY_BACKBONE, "text": "-"},
-        log=lambda _: None, ensemble=True)
+        log=lambda _: None, ensemble=True, refit_row=True, pool_per_class=None,
+        test_per_class=None)
     runs = {r["arm"]: r for r in result["runs"]}
     assert set(runs) == set(quality.ARMS)
     assert result["n_test"] == 15 and result["n_pool"] == 45
