@@ -112,7 +112,7 @@ def test_cli_follows_the_spec_and_the_flag_overrides_it(tiny: TinyExport, tmp_pa
         tiny.study.set_user_attr(SPEC_ATTR, stored)
     assert refit.exit_code == 0, refit.output
     assert "refit on train+val for" in refit.stdout and "test_acc" in refit.stdout
-    assert "(trial weights: test_acc" in refit.stdout
+    assert "'s own weights: test_acc" in refit.stdout
     assert json.loads((tmp_path / "a" / "config.json").read_text())["model"]["kind"] == "refit"
     assert plain.exit_code == 0, plain.output
     assert "trial weights)" in plain.stdout and "refit on" not in plain.stdout

@@ -70,22 +70,23 @@ def print_export(result: object, err: bool = False) -> None:
     """One summary line per export, on stdout (stderr with ``err``: after
     ``search --json``)."""
     config = result.config  # type: ignore[attr-defined]
+    trial = result.trial  # type: ignore[attr-defined]
     test = config["metrics"]["test"] or {}
     acc = test.get("accuracy")
     held = config["model"]
     if held["kind"] == "ensemble":
-        what = "ensemble of trials " + ", ".join(str(m["trial"]) for m in held["members"])
-        if held["trained_on"] == "train+val":
-            what += ", each refit on train+val"
+        what = "an ensemble of trials " + ", ".join(str(m["trial"]) for m in held["members"])
+        how = "each refit on train+val" if held["trained_on"] == "train+val" else "checkpoints"
     elif held["kind"] == "refit":
-        what = f"refit on train+val for {held['epochs']} epochs"
+        what, how = f"trial {trial}", f"refit on train+val for {held['epochs']} epochs"
     else:
-        what = "trial weights"
+        what, how = f"trial {trial}", "trial weights"
     trial_acc = (config["metrics"].get("trial_test") or {}).get("accuracy")
     typer.echo(
-        f"exported trial {result.trial} ({result.backbone}, {what}) to {result.path}: "  # type: ignore[attr-defined]
+        f"exported {what} ({result.backbone}, {how}) to {result.path}: "  # type: ignore[attr-defined]
         f"{config['num_classes']} classes, val_acc {config['metrics']['val']['accuracy']:.3f}"
         + (f", test_acc {acc:.3f}" if acc is not None else "")
-        + (f" (trial weights: test_acc {trial_acc:.3f})" if trial_acc is not None else ""),
+        + (f" (trial {trial}'s own weights: test_acc {trial_acc:.3f})"
+           if trial_acc is not None else ""),
         err=err,
     )
