@@ -3,8 +3,9 @@
 ``bench/quality.py --keep`` leaves each search arm's study (``<set>-s<seed>-search/``)
 in its work folder. For each such study this script reloads every completed
 trial's checkpoint, computes its probabilities on the product's own validation
-split and on the benchmark's held-out test set (the same fixed 25 % that
-quality.py holds out), and scores several selection rules, all chosen on
+split and on the benchmark's held-out test set (the one quality.py held out:
+``--pool-per-class`` / ``--test-per-class`` as given to it, read from ``--quality``
+when given), and scores several selection rules, all chosen on
 validation only, all from checkpoints (no refit):
 
 - ``pick``: the product's best trial (validation accuracy, ties by loss);
@@ -15,8 +16,8 @@ validation only, all from checkpoints (no refit):
 - ``top3`` / ``top5``: the uniform mean of the 3 / 5 best trials by validation;
 - ``all``: the uniform mean of every completed trial.
 
-    python bench/ensemble_variants.py --work DIR [DIR ...] --data DIR/per-class-40 \\
-        --name s3 [--export --quality bench/results/quality-s3.json]
+    python bench/ensemble_variants.py --work DIR [DIR ...] --data DIR \\
+        --name s4 [--export] --quality bench/results/quality-s4.json
 
 With ``--export`` it also runs the product's default export (``autotransfer export
 --ensemble --refit``, whatever its rule is at this commit) on each study and scores
@@ -63,15 +64,19 @@ from autotransfer.tuning.search import prepare_data  # noqa: E402
 RULES = ("pick", "greedy-acc", "greedy-nll", "top3", "top5", "all")
 
 
-def study_rules(folder: Path, data_root: Path, export: bool = False) -> dict[str, Any]:
-    """Every rule's validation and held-out test accuracy on one kept search study."""
+def study_rules(folder: Path, data_root: Path, export: bool = False,
+                split: tuple[int | None, int | None] = (quality.POOL_PER_CLASS,
+                                                        quality.TEST_PER_CLASS)
+                ) -> dict[str, Any]:
+    """Every rule's validation and held-out test accuracy on one kept search study;
+    ``split``: quality.py's pool and test sizes per class (``None``: its old 25 %)."""
     stem = folder.name.removesuffix("-search")  # <set>-s<seed>
     name, seed = stem.rsplit("-s", 1)[0], int(stem.rsplit("-s", 1)[1])
     study = load_study(f"sqlite:///{folder / 'study.db'}", None)
     spec = stored_spec(study)
     splits, _ = prepare_data(spec)
     modality, items = quality.read_set(data_root / name)
-    _, test_items = quality.hold_out(items)
+    _, test_items = quality.hold_out(items, *split)
     held = quality.write_pool(modality, test_items, folder / "held-out")
     test = load_dataset(spec.data.model_copy(update={"path": str(held)}))
     assert list(test.classes) == list(splits.classes)
@@ -140,7 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--export", action="store_true",
                    help="also score the product's default export (export --ensemble --refit)")
     p.add_argument("--quality", type=Path, default=None,
-                   help="the quality run's JSON the studies came from (its refit row)")
+                   help="the quality run's JSON the studies came from (its split, its "
+                   "refit row)")
+    p.add_argument("--pool-per-class", type=int, default=quality.POOL_PER_CLASS,
+                   help="as given to quality.py (0: all but 25 %%); --quality overrides")
+    p.add_argument("--test-per-class", type=int, default=quality.TEST_PER_CLASS,
+                   help="as given to quality.py (0: all the rest); --quality overrides")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     folders = sorted(f for w in args.work for f in w.glob("*-s*-search") if f.is_dir())
@@ -148,8 +158,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give --work (kept quality studies) and --data, or --merge")
     rows = [row for f in args.merge or [] for row in json.loads(f.read_text())["rows"]]
     args.export = args.export or all("export" in row for row in rows) and bool(rows)
+    split = (args.pool_per_class or None, args.test_per_class or None)
+    if args.quality:
+        run = json.loads(args.quality.read_text())
+        split = (run.get("pool_per_class"), run.get("test_per_class"))
     for folder in folders:
-        row = study_rules(folder, args.data, args.export)
+        row = study_rules(folder, args.data, args.export, split)
         rows.append(row)
         print(f"{row['set']} s{row['seed']}: " + "  ".join(
             f"{r} {v['test_accuracy']:.3f}/{v['distinct']}" for r, v in row["rules"].items())
