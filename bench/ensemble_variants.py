@@ -1,12 +1,13 @@
 """Ways to combine a finished search's trials, compared on kept quality-benchmark studies.
 
 ``bench/quality.py --keep`` leaves each search arm's study (``<set>-s<seed>-search/``)
-in its work folder. For each such study this script reloads every completed
-trial's checkpoint, computes its probabilities on the product's own validation
-split and on the benchmark's held-out test set (the one quality.py held out:
-``--pool-per-class`` / ``--test-per-class`` as given to it, read from ``--quality``
-when given), and scores several selection rules, all chosen on
-validation only, all from checkpoints (no refit):
+in its work folder (``--arm random``: random search's, ``<set>-s<seed>-random/``).
+For each such study this script reloads every completed trial's checkpoint,
+computes its probabilities on the product's own validation split and on the
+benchmark's held-out test set (the one quality.py held out: ``--pool-per-class`` /
+``--test-per-class`` as given to it, read from ``--quality`` when given), and
+scores several selection rules, all chosen on validation only, all from
+checkpoints (no refit):
 
 - ``pick``: the product's best trial (validation accuracy, ties by loss);
 - ``greedy-acc``: Caruana's greedy with replacement from the pick
@@ -70,7 +71,7 @@ def study_rules(folder: Path, data_root: Path, export: bool = False,
                 ) -> dict[str, Any]:
     """Every rule's validation and held-out test accuracy on one kept search study;
     ``split``: quality.py's pool and test sizes per class (``None``: its old 25 %)."""
-    stem = folder.name.removesuffix("-search")  # <set>-s<seed>
+    stem = folder.name.rsplit("-", 1)[0]  # <set>-s<seed>-<arm>
     name, seed = stem.rsplit("-s", 1)[0], int(stem.rsplit("-s", 1)[1])
     study = load_study(f"sqlite:///{folder / 'study.db'}", None)
     spec = stored_spec(study)
@@ -142,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="summarise the rows of earlier runs (made side by side) together")
     p.add_argument("--name", default="run")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--arm", default="search", choices=("search", "random"),
+                   help="whose kept studies: the search's (default) or random search's "
+                   "(random's rows and its export then use all its trials, a few epochs past "
+                   "the search's budget)")
     p.add_argument("--export", action="store_true",
                    help="also score the product's default export (export --ensemble --refit)")
     p.add_argument("--quality", type=Path, default=None,
@@ -153,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="as given to quality.py (0: all the rest); --quality overrides")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    folders = sorted(f for w in args.work for f in w.glob("*-s*-search") if f.is_dir())
+    folders = sorted(f for w in args.work for f in w.glob(f"*-s*-{args.arm}") if f.is_dir())
     if not args.merge and (not folders or args.data is None):
         p.error("give --work (kept quality studies) and --data, or --merge")
     rows = [row for f in args.merge or [] for row in json.loads(f.read_text())["rows"]]
