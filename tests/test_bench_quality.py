@@ -27,6 +27,7 @@ def _load(name: str):
 
 datasets = _load("datasets")
 quality = _load("quality")
+kept_exports = _load("kept_exports")
 
 
 def test_balanced_is_seeded_capped_and_order_free() -> None:
@@ -100,7 +101,7 @@ def test_harness_arms_on_a_tiny_set(tmp_path: Path, make_images) -> None:
         "tiny", folder, seeds=[0], arms=quality.ARMS, work=tmp_path / "work", epochs=2,
         image_size=32, n_trials=3, backbones={"image": TINY_BACKBONE, "text": "-"},
         log=lambda _: None, ensemble=True, refit_row=True, pool_per_class=None,
-        test_per_class=None)
+        test_per_class=None, keep=True)
     runs = {r["arm"]: r for r in result["runs"]}
     assert set(runs) == set(quality.ARMS)
     assert result["n_test"] == 15 and result["n_pool"] == 45
@@ -149,6 +150,19 @@ def test_harness_arms_on_a_tiny_set(tmp_path: Path, make_images) -> None:
     assert quality.merge([halves[0], later], "m")["wall_minutes"] == 7.0
     with pytest.raises(SystemExit, match="epochs"):
         quality.merge([report, {**report, "epochs": 3}], "m")
+    # the fairness rows, from the kept studies: a hand baseline refit, random's ensemble
+    _, test = quality.hold_out(quality.read_set(folder)[1], None, None)
+    rows = [kept_exports.export_row(tmp_path / "work" / f"tiny-s0-{arm}", row, test)
+            for arm, row in (("finetune", "finetune+refit"), ("probe", "probe+refit"),
+                             ("random", "random+ensemble"))]
+    assert [(r["set"], r["seed"], r["test_n"]) for r in rows] == [("tiny", 0, 15)] * 3
+    assert [r["kind"] for r in rows] == ["refit", "refit", "ensemble"]
+    assert all(r["trained_on"] == "train+val" for r in rows)
+    assert set(rows[2]["members"]) <= {t["number"] for t in runs["random"]["trials"]}
+    md = kept_exports.markdown({"name": "k", "machine": "m", "commit": "c", "minutes": 1.0,
+                                "command": "x", "rows": rows}, report)
+    assert "| tiny |" in md and "vs better refit hand baseline" in md
+    assert "export − better refit hand baseline" in md
 
 
 def test_text_pool_is_a_csv(tmp_path: Path) -> None:
