@@ -100,8 +100,11 @@ def markdown(report: dict[str, Any], quality_run: dict[str, Any]) -> str:
     shown = ["finetune", "probe", *ROWS, "random", "search", product]
     lines = [f"# Kept-study exports: {report['name']}", "",
              f"Machine: {report['machine']}. Commit {report['commit']}. Studies from quality "
-             f"run `{quality_run['name']}` (commit {quality_run['commit']}); "
-             f"{report['minutes']:.1f} min.", "",
+             f"run `{quality_run['name']}` (commit {quality_run['commit']}). The exports took "
+             f"{sum(r['seconds'] for r in report['rows']) / 60:.1f} min in all (one after "
+             "another; runs made side by side overlap)"
+             + (f", this run {report['minutes']:.1f} min." if not report.get("merged") else "."),
+             "",
              f"Command: `{report['command']}`", "",
              "Test accuracy, mean ± std over seeds, on quality.py's held-out test set. "
              "`+refit`: the trial trained again on train + validation; `+ensemble`: the "
@@ -153,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="run")
     args = p.parse_args(argv)
     quality_run = json.loads(args.quality.read_text())
-    rows: list[dict[str, Any]] = [r for f in args.merge or []
-                                  for r in json.loads(f.read_text())["rows"]]
+    parts = [json.loads(f.read_text()) for f in args.merge or []]
+    rows: list[dict[str, Any]] = [r for part in parts for r in part["rows"]]
     t0 = time.monotonic()
     if not args.merge:
         if not args.work or args.data is None:
@@ -174,10 +177,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{r['set']} s{r['seed']} {row}: test acc {r['test_accuracy']:.3f}"
                       f"  {r['seconds']:.0f}s", flush=True)
     report = {
-        "name": args.name, "machine": quality.machine(), "commit": quality.git_commit(),
+        "name": args.name, "machine": quality.machine(),
+        "commit": ", ".join(dict.fromkeys(part["commit"] for part in parts)) if parts
+        else quality.git_commit(), "merged": bool(parts),
         "quality_run": quality_run["name"],
-        "minutes": sum(r["seconds"] for r in rows) / 60 if args.merge
-        else (time.monotonic() - t0) / 60,
+        "minutes": (time.monotonic() - t0) / 60,
         "command": "python bench/kept_exports.py " + " ".join(
             quality.portable(a) for a in (argv if argv is not None else sys.argv[1:])),
         "rows": rows,
