@@ -663,8 +663,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-backbone", default=IMAGE_BACKBONE)
     parser.add_argument("--text-backbone", default=TEXT_BACKBONE)
     parser.add_argument("--threads", type=int, default=None,
-                        help="train.threads of every spec (default: the product's, all cores);"
-                        " 1 helps on a machine shared with other work")
+                        help="train.threads of every spec, and the threads that score the "
+                        "exports here (default: the product's, all cores); 1 helps on a machine"
+                        " shared with other work")
     parser.add_argument("--quick", action="store_true",
                         help="emoji + fortunes, seed 0, 30 per class, 32 px, 3 trials, 2 epochs")
     parser.add_argument("--name", default=f"cpu{os.cpu_count()}",
@@ -700,6 +701,10 @@ def main(argv: list[str] | None = None) -> int:
         args.n_trials, args.epochs = 3, 2
         args.name += "-quick"
     names = args.sets or list(datasets.BUILDERS)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)  # the scoring here, beside the other process
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     t0 = time.monotonic()
     work = args.work or Path(tempfile.mkdtemp(prefix="autotransfer-quality-"))
