@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
 import time
@@ -71,8 +70,7 @@ def study_rules(folder: Path, data_root: Path, export: bool = False,
                 ) -> dict[str, Any]:
     """Every rule's validation and held-out test accuracy on one kept search study;
     ``split``: quality.py's pool and test sizes per class (``None``: its old 25 %)."""
-    stem = folder.name.rsplit("-", 1)[0]  # <set>-s<seed>-<arm>
-    name, seed = stem.rsplit("-s", 1)[0], int(stem.rsplit("-s", 1)[1])
+    name, seed, _ = quality.parse_run_name(folder.name)
     study = load_study(f"sqlite:///{folder / 'study.db'}", None)
     spec = stored_spec(study)
     splits, _ = prepare_data(spec)
@@ -110,17 +108,14 @@ def study_rules(folder: Path, data_root: Path, export: bool = False,
 
     row: dict[str, Any] = {}
     if export:
-        out = folder / "ensemble-export"
-        if out.exists():
-            shutil.rmtree(out)
-        t0 = time.monotonic()
-        quality.cli("export", "--storage", f"sqlite:///{folder / 'study.db'}", "--study-name",
-                    study.study_name, "--ensemble", "--refit", str(out), cwd=folder)
-        held_model = json.loads((out / "config.json").read_text())["model"]
+        t0 = time.monotonic()  # the export and its scoring
+        scored, held_model, _ = quality.export_scored(
+            folder / "study.db", study.study_name, ["--ensemble", "--refit"],
+            folder / "ensemble-export", test_items)
         row["export"] = {
             "members": [m["trial"] for m in held_model["members"]],
             "weights": [m["weight"] for m in held_model["members"]],
-            "test_accuracy": quality.score(out, test_items)["accuracy"],
+            "test_accuracy": scored["accuracy"],
             "seconds": round(time.monotonic() - t0, 1),
         }
     return {

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
 import time
@@ -53,19 +52,11 @@ ROWS = {
 
 def export_row(folder: Path, row: str, test: list[tuple[str, str]]) -> dict[str, Any]:
     """One kept study exported as ``row`` says, scored on ``test``."""
-    stem, _arm = folder.name.rsplit("-", 1)  # <set>-s<seed>-<arm>
-    name, seed = stem.rsplit("-s", 1)
-    out = folder / f"export-{row}"
-    if out.exists():
-        shutil.rmtree(out)
-    t0 = time.monotonic()
-    quality.cli("export", "--storage", f"sqlite:///{folder / 'study.db'}", "--study-name",
-                folder.name, *ROWS[row][1], str(out), cwd=folder)
-    seconds = time.monotonic() - t0
-    scored = quality.score(out, test)
-    held = json.loads((out / "config.json").read_text())["model"]
+    name, seed, _ = quality.parse_run_name(folder.name)
+    scored, held, seconds = quality.export_scored(folder / "study.db", folder.name,
+                                                  ROWS[row][1], folder / f"export-{row}", test)
     return {
-        "set": name, "seed": int(seed), "row": row,
+        "set": name, "seed": seed, "row": row,
         "test_accuracy": scored["accuracy"], "test_macro_f1": scored["macro_f1"],
         "test_n": scored["n"], "kind": held["kind"], "trained_on": held["trained_on"],
         "members": [m["trial"] for m in held.get("members", [])],
@@ -85,13 +76,6 @@ def means(rows: list[dict[str, Any]], quality_run: dict[str, Any]) -> dict[str, 
     for r in rows:
         table.setdefault(r["set"], {}).setdefault(r["row"], {})[r["seed"]] = r["test_accuracy"]
     return table
-
-
-def per_seed(t: dict[str, dict[int, float]], row: str, other: str) -> str:
-    """``row`` − ``other`` seed by seed, in points (the rows of a seed share the
-    pool, its split and the test set)."""
-    return " ".join(f"{100 * (t[row][s] - t[other][s]):+.1f}"
-                    for s in sorted(t[row]) if s in t[other])
 
 
 def markdown(report: dict[str, Any], quality_run: dict[str, Any]) -> str:
@@ -129,9 +113,9 @@ def markdown(report: dict[str, Any], quality_run: dict[str, Any]) -> str:
         targets.append(
             f"- {name}: export {mean[product]:.3f} vs better refit hand baseline ({hand_row}) "
             f"{mean[hand_row]:.3f}: {'met' if gaps_hand[-1] >= 0 else 'MISSED'} "
-            f"(per seed {per_seed(t, product, hand_row)}); vs random+ensemble "
+            f"(per seed {quality.seed_diffs(t[product], t[hand_row])}); vs random+ensemble "
             f"{mean['random+ensemble']:.3f}: {'met' if gaps_random[-1] >= 0 else 'MISSED'} "
-            f"(per seed {per_seed(t, product, 'random+ensemble')})")
+            f"(per seed {quality.seed_diffs(t[product], t['random+ensemble'])})")
     if gaps_hand:
         mean_gap = statistics.fmean(gaps_hand)
         targets.append(f"- over all sets: export − better refit hand baseline = "
@@ -168,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             arm = ROWS[row][0]
             for folder in sorted(f for w in args.work for f in w.glob(f"*-s*-{arm}")
                                  if (f / "study.db").exists()):
-                name = folder.name.rsplit("-", 1)[0].rsplit("-s", 1)[0]
+                name = quality.parse_run_name(folder.name)[0]
                 if name not in tests:
                     tests[name] = quality.hold_out(quality.read_set(args.data / name)[1],
                                                    *split)[1]

@@ -206,25 +206,53 @@ def score(export_dir: Path, test: list[tuple[str, str]]) -> dict[str, float]:
     return {"accuracy": acc, "macro_f1": sum(f1s) / len(f1s), "n": len(truth)}
 
 
+def export_scored(db: Path, study: str, flags: list[str], out: Path,
+                  test: list[tuple[str, str]]) -> tuple[dict[str, float], dict[str, Any], float]:
+    """``autotransfer export FLAGS`` of ``study`` (in the SQLite file ``db``) into
+    ``out`` (replaced if there), scored on ``test``: (its scores, config.json's
+    ``model``: what the export holds, the export's seconds)."""
+    if out.exists():
+        shutil.rmtree(out)
+    t0 = time.monotonic()
+    cli("export", "--storage", f"sqlite:///{db}", "--study-name", study, *flags, str(out),
+        cwd=db.parent)
+    seconds = time.monotonic() - t0
+    held = json.loads((out / "config.json").read_text())["model"]
+    return score(out, test), held, seconds
+
+
+def run_name(name: str, seed: int, arm: str) -> str:
+    """A run's study name and work folder: ``<set>-s<seed>-<arm>``."""
+    return f"{name}-s{seed}-{arm}"
+
+
+def parse_run_name(run: str) -> tuple[str, int, str]:
+    """(set, seed, arm) of a :func:`run_name`."""
+    stem, arm = run.rsplit("-", 1)
+    name, seed = stem.rsplit("-s", 1)
+    return name, int(seed), arm
+
+
 def epochs_of(trials: list[dict[str, Any]]) -> int:
     return sum(int(t.get("epochs_run") or 0) for t in trials)
 
 
 def run_arm(arm: str, ctx: dict[str, Any], budget: int | None = None) -> dict[str, Any]:
     """One arm on one set and seed: the search, the pick's export, its test score."""
-    work: Path = ctx["work"] / f"{ctx['set']}-s{ctx['seed']}-{arm}"
+    name = run_name(ctx["set"], ctx["seed"], arm)
+    work: Path = ctx["work"] / name
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    spec = make_spec(arm, f"{ctx['set']}-s{ctx['seed']}-{arm}", ctx["data"], ctx["modality"],
+    spec = make_spec(arm, name, ctx["data"], ctx["modality"],
                      ctx["backbone"], ctx["seed"], ctx["epochs"], ctx["image_size"],
                      ctx["n_trials"], ctx.get("threads"))
     (work / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    storage = ["--storage", f"sqlite:///{work / 'study.db'}"]
-    common = [*storage, "--artifacts", str(work / "art")]  # export reads artifacts from the study
+    db = work / "study.db"
+    # export reads the artifacts' folder from the study
+    common = ["--storage", f"sqlite:///{db}", "--artifacts", str(work / "art")]
     load0 = os.getloadavg()[0]
     t0 = time.monotonic()
-    export = work / "export"
     result = cli("search", "spec.yaml", *common, "--json", cwd=work)
     trials = result["trials"]
     runs = 1
@@ -256,18 +284,16 @@ def run_arm(arm: str, ctx: dict[str, Any], budget: int | None = None) -> dict[st
     search_seconds = time.monotonic() - t0
     # Every row names what it exports, whatever the spec's export defaults are: the
     # arms (and the search's first row) are the trial's own checkpoint.
-    cli("export", *storage, "--study-name", spec["name"], "--trial", str(pick["number"]),
-        "--no-refit", "--no-ensemble", str(export), cwd=work)
-    test = score(export, ctx["test"])
+    test, _, _ = export_scored(db, name, ["--trial", str(pick["number"]), "--no-refit",
+                                          "--no-ensemble"], work / "export", ctx["test"])
     rows: dict[str, Any] = {}
     # A failed extra export (a refit that diverged, say) is recorded, not fatal.
     if arm == "search" and ctx.get("refit_row"):
         # the same pick refit on train + validation for its best epoch count
         t1 = time.monotonic()
         try:
-            cli("export", *storage, "--study-name", spec["name"], "--refit", "--no-ensemble",
-                str(work / "refit"), cwd=work)
-            scored = score(work / "refit", ctx["test"])
+            scored, _, _ = export_scored(db, name, ["--refit", "--no-ensemble"], work / "refit",
+                                         ctx["test"])
             rows.update({"refit_test_accuracy": scored["accuracy"],
                          "refit_test_macro_f1": scored["macro_f1"],
                          "refit_seconds": round(time.monotonic() - t1, 1)})
@@ -278,10 +304,8 @@ def run_arm(arm: str, ctx: dict[str, Any], budget: int | None = None) -> dict[st
         t1 = time.monotonic()
         refit_flag = "--refit" if ctx.get("refit") else "--no-refit"
         try:
-            cli("export", *storage, "--study-name", spec["name"], "--ensemble", refit_flag,
-                str(work / "ensemble"), cwd=work)
-            scored = score(work / "ensemble", ctx["test"])
-            held = json.loads((work / "ensemble" / "config.json").read_text())["model"]
+            scored, held, _ = export_scored(db, name, ["--ensemble", refit_flag],
+                                            work / "ensemble", ctx["test"])
             rows.update({
                 "ensemble_members": [m["trial"] for m in held["members"]
                                      for _ in range(m["weight"])],
@@ -531,22 +555,22 @@ def split_text(report: dict[str, Any]) -> str:
             "at least 25 % of a class; never given to the product).")
 
 
+def seed_diffs(a: dict[int, float], b: dict[int, float]) -> str:
+    """``a`` − ``b`` seed by seed (test accuracies by seed), in points, for the seeds
+    both have: the rows of one seed share the pool, its split and the test set."""
+    return " ".join(f"{100 * (a[seed] - b[seed]):+.1f}" for seed in sorted(a) if seed in b)
+
+
 def paired(s: dict[str, Any], hand: str) -> str:
     """Per-seed differences, in points, of the product's export (the ensemble row,
-    else the search's checkpoint) against the better hand baseline and random's pick:
-    the arms of one seed share the pool, its split and the test set."""
-    field = "ensemble_test_accuracy"
-    out = []
-    for other in (hand, "random"):
-        diffs = []
-        for r in s["runs"]:
-            if r["arm"] != "search":
-                continue
-            o = next((x for x in s["runs"] if x["arm"] == other and x["seed"] == r["seed"]), None)
-            if o is not None:
-                diffs.append(r.get(field, r["test_accuracy"]) - o["test_accuracy"])
-        if diffs:
-            out.append(f"{other} " + " ".join(f"{100 * d:+.1f}" for d in diffs))
+    else the search's checkpoint) against the better hand baseline and random's pick."""
+    by_arm: dict[str, dict[int, float]] = defaultdict(dict)
+    for r in s["runs"]:
+        by_arm[r["arm"]][r["seed"]] = r["test_accuracy"]
+    export = {r["seed"]: r.get("ensemble_test_accuracy", r["test_accuracy"])
+              for r in s["runs"] if r["arm"] == "search"}
+    out = [f"{other} {seed_diffs(export, by_arm[other])}" for other in (hand, "random")
+           if set(export) & set(by_arm[other])]
     return f" (export − arm per seed: {'; '.join(out)})" if out else ""
 
 
