@@ -152,7 +152,7 @@ def test_harness_arms_on_a_tiny_set(tmp_path: Path, make_images) -> None:
         quality.merge([report, {**report, "epochs": 3}], "m")
     # the fairness rows, from the kept studies: a hand baseline refit, random's ensemble
     _, test = quality.hold_out(quality.read_set(folder)[1], None, None)
-    rows = [kept_exports.export_row(tmp_path / "work" / f"tiny-s0-{arm}", row, test)
+    rows = [kept_exports.export_row(tmp_path / "work" / quality.run_name("tiny", 0, arm), row, test)
             for arm, row in (("finetune", "finetune+refit"), ("probe", "probe+refit"),
                              ("random", "random+ensemble"))]
     assert [(r["set"], r["seed"], r["test_n"]) for r in rows] == [("tiny", 0, 15)] * 3
