@@ -50,7 +50,8 @@ BACKBONE = {
 }
 SETS = {"emoji": "image", "stamps": "image", "debian-sections": "text", "fortunes": "text"}
 
-# name: (freeze, lr, alpha, retention, label_smoothing[, trunk_lr_scale, default 1])
+# name: (freeze, lr, alpha, retention, label_smoothing[, trunk_lr_scale, default 1
+#        [, probe_fraction, default 0]])
 CONFIGS: dict[str, tuple[float, ...] | tuple[float, float, float, str, float]] = {
     "probe_lr1e-2": (1.0, 1e-2, 0.0, "l2sp", 0.0),
     "probe_lr3e-3": (1.0, 3e-3, 0.0, "l2sp", 0.0),
@@ -65,7 +66,18 @@ CONFIGS: dict[str, tuple[float, ...] | tuple[float, float, float, str, float]] =
     "full_lr1e-2_trunk0.1": (0.0, 1e-2, 0.0, "l2sp", 0.0, 0.1),
     "full_lr3e-3_trunk0.3": (0.0, 3e-3, 0.0, "l2sp", 0.0, 0.3),
     "half_lr1e-2_trunk0.1": (0.5, 1e-2, 0.0, "l2sp", 0.0, 0.1),
+    # LP-FT: half the epochs a linear probe, then the full fine-tune (search.probe_fraction)
+    "lpft_lr1e-3": (0.0, 1e-3, 0.0, "l2sp", 0.0, 1.0, 0.5),
+    "lpft_lr1e-3_trunk0.1": (0.0, 1e-3, 0.0, "l2sp", 0.0, 0.1, 0.5),
+    "lpft_lr3e-3": (0.0, 3e-3, 0.0, "l2sp", 0.0, 1.0, 0.5),
+    "lpft_lr1e-2_trunk0.1": (0.0, 1e-2, 0.0, "l2sp", 0.0, 0.1, 0.5),
 }
+
+
+def scales(config: tuple) -> dict[str, float]:
+    """The config's trunk_lr_scale and probe_fraction (TrialParams keywords)."""
+    return {"trunk_lr_scale": config[5] if len(config) > 5 else 1.0,
+            "probe_fraction": config[6] if len(config) > 6 else 0.0}
 
 
 def subsample(data: Any, per_class: int, seed: int) -> Any:
@@ -92,11 +104,11 @@ def spec_for(name: str, path: Path, modality: str, epochs: int, config: tuple, s
 
 
 def run_one(host, spec, splits: Splits, epochs_cap: int | None = None,
-            trunk_lr_scale: float = 1.0) -> dict[str, Any]:
+            trunk_lr_scale: float = 1.0, probe_fraction: float = 0.0) -> dict[str, Any]:
     s = spec.search
     params = TrialParams(backbone=s.backbones[0].key, freeze=s.freeze, lr=s.lr,
                          weight_decay=s.weight_decay, batch_size=s.batch_size, alpha=s.alpha,
-                         trunk_lr_scale=trunk_lr_scale)
+                         trunk_lr_scale=trunk_lr_scale, probe_fraction=probe_fraction)
     torch.manual_seed(spec.seed)
     backbone = host.build(s.backbones[0], num_classes=len(splits.classes),
                           image_size=spec.data.image_size)
@@ -149,9 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                 if splits is None:
                     data = subsample(load_dataset(spec.data), args.per_class, seed)
                     splits = stratified_split(data, spec.data.split, seed)
-                scale = CONFIGS[cname][5] if len(CONFIGS[cname]) > 5 else 1.0
                 row = {"set": name, "seed": seed, "config": cname,
-                       **run_one(host, spec, splits, trunk_lr_scale=scale)}
+                       **run_one(host, spec, splits, **scales(CONFIGS[cname]))}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
                 save(rows, args)
@@ -164,9 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                 # as autotransfer/tuning/refit.py does: train + validation, the first
                 # best-epoch epochs of the trial's schedule
                 merged = replace(splits, train=concat(splits.train, splits.val))
-                config = CONFIGS[pick["config"]]
                 out = run_one(host, spec, merged, epochs_cap=pick["best_epoch"],
-                              trunk_lr_scale=config[5] if len(config) > 5 else 1.0)
+                              **scales(CONFIGS[pick["config"]]))
                 row = {"set": name, "seed": seed, "config": "refit", "of": pick["config"],
                        "epochs": pick["best_epoch"], "test_refit": out["test"][-1],
                        "test_pick": pick["test_of_best"], "seconds": out["seconds"]}

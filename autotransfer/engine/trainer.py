@@ -151,6 +151,11 @@ class TrialParams:
     """The trunk's learning rate is ``lr * trunk_lr_scale``; the head's (and a
     retention head's) is ``lr``. 1.0, one rate for all, is what trials stored
     before the parameter existed trained with."""
+    probe_fraction: float = 0.0
+    """LP-FT: the share of the epochs (``round(probe_fraction * epochs)``, half
+    up) that train the new head alone, every trunk block frozen, before the
+    ``freeze`` depth applies. 0.0 is what trials stored before the parameter
+    existed trained with."""
 
 
 @dataclass(frozen=True)
@@ -322,26 +327,20 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(seed)
         self.n_blocks = len(backbone.blocks)
         self.k_frozen = freeze_depth(params.freeze, self.n_blocks)
-        self.frozen_norms = freeze(backbone.model, backbone.blocks, self.k_frozen)
-        split = backbone.split
-        self.point = split.point_at_most(self.k_frozen) if split is not None else 0
-        """Blocks run as a prefix (no gradients, eval mode); 0: none."""
+        """The trial's freeze depth (after the probe epochs, if any)."""
+        self.probe_epochs = min(
+            spec.train.epochs, math.floor(params.probe_fraction * spec.train.epochs + 0.5)
+        )
+        """LP-FT: the first epochs, which train the head alone (``probe_fraction``)."""
         self.augment = None if is_identity(spec.data.augment) else spec.data.augment
-        self.cache = cache if self.point else None
         self.views = 1 if self.augment is None else spec.train.feature_cache_views
         """Training views cached (used when the cache holds this trial's features)."""
         self.features_cached = False
         """Whether the last epoch's training features came from the cache."""
-        self._key: dict[str, object] = {}
-        if self.cache is not None:
-            self._key = {
-                "backbone": backbone.name,
-                "weights": backbone.weights,
-                "prefix_sha256": prefix_fingerprint(backbone.model, backbone.blocks, self.point),
-                "point": self.point,
-                "preprocessing": json.dumps(backbone.preprocessing.to_dict(), sort_keys=True),
-                "data": spec.data.model_dump_json(exclude={"augment"}),
-            }
+        self._cache_store = cache
+        self._set_depth(self.k_frozen)  # before l2sp anchors the trained parameters
+        self.trial_point = self.point
+        """The split point at the trial's freeze depth (after the probe epochs)."""
         self.retention_kind = params.retention or spec.retention_kinds[0]
         self.retention = (
             make_retention(
@@ -357,7 +356,11 @@ class Trainer:
             else None
         )
         self.steps_per_epoch = math.ceil(len(splits.train) / params.batch_size)
+        # The optimiser holds every parameter the trial's depth trains; during the
+        # probe epochs the trunk's have no gradients, and AdamW/SGD skip them.
         self.optimizer = self._optimizer(self._param_groups())
+        if self.probe_epochs:
+            self._set_depth(self.n_blocks)
         self.scaler = placement.grad_scaler()
         self._features = placement.compiled(backbone.features)
         total = self.steps_per_epoch * spec.train.epochs
@@ -381,6 +384,34 @@ class Trainer:
         self.history: list[tuple[int, float]] = []  # (epoch, val accuracy), as reported
         # Called after every batch (training and validation): the watchdog's heartbeat.
         self.on_batch: Callable[[], None] | None = None
+
+    def _set_depth(self, k: int) -> None:
+        """Freeze the first ``k`` blocks (the others train) and set what follows
+        from it: the frozen normalisation layers, the split point and the
+        feature cache's key for that prefix."""
+        backbone = self.backbone
+        self.k_active = k
+        """Blocks frozen now: :attr:`n_blocks` during the probe epochs, then
+        :attr:`k_frozen`."""
+        self.frozen_norms = freeze(backbone.model, backbone.blocks, k)
+        split = backbone.split
+        self.point = split.point_at_most(k) if split is not None else 0
+        """Blocks run as a prefix (no gradients, eval mode); 0: none."""
+        self.cache = self._cache_store if self.point else None
+        self._key: dict[str, object] = {}
+        if self.cache is not None:
+            self._key = {
+                "backbone": backbone.name,
+                "weights": backbone.weights,
+                "prefix_sha256": prefix_fingerprint(backbone.model, backbone.blocks, self.point),
+                "point": self.point,
+                "preprocessing": json.dumps(backbone.preprocessing.to_dict(), sort_keys=True),
+                "data": self.spec.data.model_dump_json(exclude={"augment"}),
+            }
+
+    def _depth_for(self, epoch: int) -> int:
+        """Blocks frozen in ``epoch`` (1-based): all during the probe epochs."""
+        return self.n_blocks if epoch <= self.probe_epochs else self.k_frozen
 
     def _param_groups(self) -> list[dict[str, Any]]:
         """The trainable parameters in two groups: the new heads (the backbone's
@@ -456,10 +487,12 @@ class Trainer:
 
     def _train_epoch(self) -> float:
         model = self.backbone.model
+        epoch = self.epoch + 1
+        if self._depth_for(epoch) != self.k_active:  # the probe epochs are over
+            self._set_depth(self._depth_for(epoch))
         train_mode(model, self.frozen_norms)
         data = self.splits.train
         order = torch.randperm(len(data), generator=self.generator)
-        epoch = self.epoch + 1
         states = self._cached("train", (epoch - 1) % self.views)
         self.features_cached = states is not None
         draws = (

@@ -156,6 +156,7 @@ def _summary(
         ("weight decay", _num(p.get("weight_decay"), ".1e")),
         ("batch size", p.get("batch_size")),
         ("α", _num(p.get("alpha"), ".3f")),
+        ("probe fraction", _num(p.get("probe_fraction", 0.0), ".2f")),
         ("best epoch", a.get(BEST_EPOCH_ATTR)),
     ]
     test = test_metrics(study).get(str(best.number))

@@ -260,6 +260,12 @@ class SearchSpec(_Model):
     weight_decay: FloatParam = 1e-4
     batch_size: int | list[int] = 32
     alpha: FloatParam = FloatRange(low=0.0, high=0.5)
+    probe_fraction: FloatParam = Field(
+        0.0,
+        description="LP-FT: the share of the epochs that train the new head alone (every "
+        "trunk block frozen) before the freeze depth applies; 0 (default, measured in "
+        "docs/search.md): the trunk trains from the first epoch",
+    )
 
     @field_validator("backbones")
     @classmethod
@@ -305,6 +311,17 @@ class SearchSpec(_Model):
         if self.trunk_lr_scale == "auto":
             return AUTO_TRUNK_LR_SCALE[modality]
         return self.trunk_lr_scale
+
+    @field_validator("probe_fraction")
+    @classmethod
+    def _probe_fraction(cls, v: FloatParam) -> FloatParam:
+        lo, hi = (v, v) if isinstance(v, float) else (v.low, v.high)
+        if not 0 <= lo <= hi <= 1:
+            raise ValueError(
+                f"probe_fraction is a share of the epochs: {lo}..{hi} must lie in [0, 1]; "
+                "0 fine-tunes from the first epoch"
+            )
+        return v
 
     @field_validator("weight_decay")
     @classmethod

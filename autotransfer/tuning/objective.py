@@ -71,7 +71,7 @@ def suggest_float(trial: optuna.Trial, name: str, space: FloatParam) -> float:
 
 PARAM_NAMES = (
     "backbone", "freeze", "lr", "trunk_lr_scale", "weight_decay", "batch_size", "retention",
-    "alpha",
+    "alpha", "probe_fraction",
 )
 
 
@@ -91,9 +91,11 @@ def sample_params(trial: optuna.Trial, spec: StudySpec) -> TrialParams:
     batch_size = int(trial.suggest_categorical("batch_size", sizes))
     retention = str(trial.suggest_categorical("retention", spec.retention_kinds))
     alpha = suggest_float(trial, "alpha", 0.0 if retention == "none" else s.alpha)
+    probe_fraction = suggest_float(trial, "probe_fraction", s.probe_fraction)
     return TrialParams(
         backbone=backbone, freeze=freeze, lr=lr, weight_decay=weight_decay,
         batch_size=batch_size, alpha=alpha, retention=retention, trunk_lr_scale=trunk_lr_scale,
+        probe_fraction=probe_fraction,
     )
 
 
@@ -166,9 +168,10 @@ class Objective:
         trial.set_user_attr(DEVICE_ATTR, trainer.placement.record)
         trial.set_user_attr(N_BLOCKS_ATTR, trainer.n_blocks)
         trial.set_user_attr(FROZEN_BLOCKS_ATTR, trainer.k_frozen)
-        trial.set_user_attr(PREFIX_BLOCKS_ATTR, trainer.point)
+        trial.set_user_attr(PREFIX_BLOCKS_ATTR, trainer.trial_point)
         self.progress.trial_started(
-            trial.number, params, trainer.k_frozen, trainer.n_blocks, trainer.placement.record
+            trial.number, params, trainer.k_frozen, trainer.n_blocks, trainer.placement.record,
+            trainer.probe_epochs,
         )
         if not self._resume(trial, trainer):
             trainer = self._trainer(trial, params, ref)  # a clean start, not half-restored

@@ -43,15 +43,19 @@ class Progress:
 
     def trial_started(
         self, number: int, params: TrialParams, k: int, n_blocks: int,
-        device: dict[str, Any] | None = None,
+        device: dict[str, Any] | None = None, probe_epochs: int = 0,
     ) -> None:
         where = f"  on {device_label(device)}" if device else ""
         trunk = (
             f" (trunk ×{params.trunk_lr_scale:.2g})"
             if k < n_blocks and params.trunk_lr_scale != 1.0 else ""
         )
+        probe = (
+            f" after {probe_epochs} probe epoch{'s' if probe_epochs > 1 else ''}"
+            if probe_epochs and k < n_blocks else ""
+        )
         self.console.print(
-            f"[bold]trial {number}[/] {params.backbone}  freeze {k}/{n_blocks}  "
+            f"[bold]trial {number}[/] {params.backbone}  freeze {k}/{n_blocks}{probe}  "
             f"lr {params.lr:.2e}{trunk}  wd {params.weight_decay:.1e}  batch {params.batch_size}  "
             f"α {params.alpha:.2f}{where}"
         )

@@ -59,6 +59,7 @@ def trial_params(trial: optuna.trial.FrozenTrial) -> TrialParams:
         weight_decay=float(p["weight_decay"]), batch_size=int(p["batch_size"]),
         alpha=float(p["alpha"]), retention=p.get("retention"),
         trunk_lr_scale=float(p.get("trunk_lr_scale", 1.0)),  # stored before it existed: 1
+        probe_fraction=float(p.get("probe_fraction", 0.0)),  # stored before it existed: 0
     )
 
 

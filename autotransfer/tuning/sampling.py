@@ -12,18 +12,27 @@ import optuna
 
 from autotransfer.spec.model import StudySpec
 
+LATER_SEARCH_FIELDS: dict[str, object] = {"probe_fraction": 0.0}
+"""Search fields added after :func:`sampler_seed`'s rule, with their defaults."""
+
 
 def sampler_seed(spec: StudySpec) -> int:
     """The sampler's seed: ``seed`` together with the study's identity (its
     name, data and search space), so two studies that differ in any of these
     draw different random start-up trials even with the same ``seed``, and the
     same spec draws the same ones. The first 8 hex digits of the SHA-256 of
-    the JSON of those fields, as an integer."""
+    the JSON of those fields, as an integer. A search field added after this
+    rule (:data:`LATER_SEARCH_FIELDS`) counts only when set away from its
+    default, so a spec written before it keeps its draws."""
+    search = spec.search.model_dump(mode="json")
+    for name, default in LATER_SEARCH_FIELDS.items():
+        if search.get(name) == default:
+            del search[name]
     identity = {
         "seed": spec.seed,
         "name": spec.name,
         "data": spec.data.model_dump(mode="json"),
-        "search": spec.search.model_dump(mode="json"),
+        "search": search,
     }
     text = json.dumps(identity, sort_keys=True)
     return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
