@@ -58,7 +58,7 @@ def test_search_runs_a_whole_study(cli_study) -> None:
     assert out["best_trial"] == best["number"] and out["val_accuracy"] == best["value"]
     assert out["best_params"] == best["params"]
     assert set(out["best_params"]) == {"backbone", "freeze", "lr", "trunk_lr_scale", "weight_decay",
-                                       "batch_size", "retention", "alpha"}
+                                       "batch_size", "retention", "alpha", "probe_fraction"}
     assert out["test"]["n"] == 9 and 0 <= out["test"]["accuracy"] <= 1
     for t in complete:
         assert t["checkpoint"] and t["best_epoch"] in (1, 2) and t["epochs_run"] == 2

@@ -3,10 +3,15 @@ every trunk block frozen, then the trial's freeze depth applies."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import optuna
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from autotransfer.cli import app
 from autotransfer.engine.feature_cache import FeatureCache
 from autotransfer.engine.trainer import Trainer, TrialParams
 from autotransfer.exceptions import SpecError
@@ -75,7 +80,10 @@ def test_probe_epochs_round_half_up(plugin_host, tiny_spec, tiny_splits) -> None
     spec = tiny_spec(**{"train.epochs": 3})
     assert _trainer(plugin_host, spec, tiny_splits, probe_fraction=0.5).probe_epochs == 2
     assert _trainer(plugin_host, spec, tiny_splits, probe_fraction=0.1).probe_epochs == 0
-    assert _trainer(plugin_host, spec, tiny_splits, probe_fraction=1.0).probe_epochs == 3
+    # the last epoch always trains the trunk
+    assert _trainer(plugin_host, spec, tiny_splits, probe_fraction=0.9).probe_epochs == 2
+    one = tiny_spec(**{"train.epochs": 1})
+    assert _trainer(plugin_host, one, tiny_splits, probe_fraction=0.5).probe_epochs == 0
 
 
 def test_l2sp_anchors_the_trunk_the_fine_tune_trains(plugin_host, tiny_spec, tiny_splits) -> None:
@@ -100,16 +108,40 @@ def test_the_probe_epochs_use_the_whole_trunks_cached_features(
     assert not t.features_cached and t.point == 0
 
 
-def test_a_restored_trainer_goes_on_in_the_right_phase(plugin_host, tiny_spec, tiny_splits) -> None:
-    spec = tiny_spec(**{"train.epochs": 3})
-    straight = _trainer(plugin_host, spec, tiny_splits, probe_fraction=0.34)  # 1 probe epoch
+@pytest.mark.parametrize("stop", [1, 2, 3])  # in the probe epochs, at their end, after
+def test_a_restored_trainer_goes_on_in_the_right_phase(
+    plugin_host, tiny_spec, tiny_splits, stop
+) -> None:
+    spec = tiny_spec(**{"train.epochs": 4})
+    straight = _trainer(plugin_host, spec, tiny_splits, probe_fraction=0.5)  # 2 probe epochs
     results = [r.val.loss for r in straight.epochs()]
-    first = _trainer(plugin_host, spec, tiny_splits, probe_fraction=0.34)
-    next(first.epochs())
+    first = _trainer(plugin_host, spec, tiny_splits, probe_fraction=0.5)
+    epochs = first.epochs()
+    for _ in range(stop):
+        next(epochs)
     state = first.state_dict()
-    again = _trainer(plugin_host, spec, tiny_splits, probe_fraction=0.34)
+    again = _trainer(plugin_host, spec, tiny_splits, probe_fraction=0.5)
     again.load_state_dict(state)
-    assert [r.val.loss for r in again.epochs()] == pytest.approx(results[1:])
+    assert [r.val.loss for r in again.epochs()] == pytest.approx(results[stop:])
+    assert _weights(again)[1].keys() == _weights(straight)[1].keys()
+    assert not _changed(_weights(again)[1], _weights(straight)[1])
+
+
+def test_cached_and_uncached_train_the_same(plugin_host, tiny_spec, tiny_splits) -> None:
+    """Half the blocks frozen after the probe epochs: the cache holds the whole
+    trunk's prefix first, then the shallower one; both phases train as uncached."""
+    plain_images = {"crop_scale": [1.0, 1.0], "flip": False}  # cached = uncached inputs
+    spec = tiny_spec(**{"train.epochs": 4, "data.augment": plain_images})
+    cached = _trainer(plugin_host, spec, tiny_splits, cache=FeatureCache(1.0),
+                      freeze=0.6, probe_fraction=0.5)
+    plain = _trainer(plugin_host, spec, tiny_splits, freeze=0.6, probe_fraction=0.5)
+    assert 0 < cached.trial_point < cached.point
+    seen = []
+    for a, b in zip(cached.epochs(), plain.epochs(), strict=True):
+        assert a.val.loss == pytest.approx(b.val.loss, rel=1e-4, abs=1e-5)
+        seen.append((cached.features_cached, cached.point))
+    assert seen[1] == (True, cached.backbone.split.point_at_most(cached.n_blocks))
+    assert seen[3] == (True, cached.trial_point)
 
 
 def test_sampled_recorded_and_refit(tiny_spec) -> None:
@@ -135,7 +167,43 @@ def test_sampled_recorded_and_refit(tiny_spec) -> None:
     ).probe_fraction == 0.0
 
 
-@pytest.mark.parametrize("bad", [-0.1, 1.5, {"low": 0.5, "high": 1.2}, "half"])
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, {"low": 0.5, "high": 1.2}, "half"])
 def test_out_of_range_fraction_is_refused_by_name(tiny_spec, bad) -> None:
     with pytest.raises(SpecError, match="probe_fraction"):
         tiny_spec(**{"search.probe_fraction": bad})
+
+
+def test_a_search_and_its_refit_export_with_probe_epochs(write_spec, tmp_path: Path) -> None:
+    """Through the command line: the progress line names the probe epochs, the
+    table shows the fraction, and the refit export trains with it."""
+    runner = CliRunner()
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    spec = write_spec(**{"name": "lpft", "n_trials": 2, "search.probe_fraction": 0.5,
+                         "search.freeze": 0.0, "sampler.portfolio": False})
+    result = runner.invoke(app, ["search", str(spec), "--storage", storage, "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["best_params"]["probe_fraction"] == 0.5
+    assert "freeze 0/" in result.stderr and "after 1 probe epoch " in result.stderr
+    table = runner.invoke(app, ["trials", "--storage", storage])
+    assert table.exit_code == 0 and "probe" in table.stdout and "0.50" in table.stdout
+    export = runner.invoke(app, ["export", "--storage", storage, "--refit", "--no-ensemble",
+                                 str(tmp_path / "m")])
+    assert export.exit_code == 0, export.output
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "probe_fraction" in card
+
+
+def test_the_sampler_seed_of_a_spec_without_it_is_unchanged(tiny_spec) -> None:
+    import hashlib
+
+    from autotransfer.tuning.sampling import sampler_seed
+
+    spec = tiny_spec()
+    search = spec.search.model_dump(mode="json")
+    del search["probe_fraction"]  # the identity as it was before the field existed
+    text = json.dumps({"seed": spec.seed, "name": spec.name,
+                       "data": spec.data.model_dump(mode="json"), "search": search},
+                      sort_keys=True)
+    assert sampler_seed(spec) == int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
+    assert sampler_seed(tiny_spec(**{"search.probe_fraction": 0.25})) != sampler_seed(spec)

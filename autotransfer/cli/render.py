@@ -53,11 +53,14 @@ def _short(text: str | None, width: int = FAIL_MESSAGE_WIDTH) -> str:
 
 def trials_table(rows: list[dict[str, Any]], best: int | None = None, title: str = "") -> Table:
     """The trials as a table; a ``failure`` column (shortened ``fail_message``)
-    when a trial failed."""
+    when a trial failed, a ``probe`` column (``probe_fraction``, LP-FT) when a
+    trial trained the head alone first."""
     table = Table(title=title or None, title_justify="left")
     failures = any(r.get(FAIL_MESSAGE_ATTR) for r in rows)
+    probes = any(r["params"].get("probe_fraction") for r in rows)
     for col, justify in [
         ("#", "right"), ("state", "left"), ("backbone", "left"), ("freeze", "right"),
+        *([("probe", "right")] if probes else []),
         ("lr", "right"), ("α", "right"), ("batch", "right"), ("val acc", "right"),
         ("val F1", "right"), ("best ep", "right"), ("pruned at", "right"), ("time", "right"),
         *([("failure", "left")] if failures else []),
@@ -73,6 +76,7 @@ def trials_table(rows: list[dict[str, Any]], best: int | None = None, title: str
             state + mark,
             str(p.get("backbone", "")),
             f"{k}/{n}" if k is not None else "",
+            *([_f(p.get("probe_fraction", 0.0), ".2f")] if probes else []),
             _f(p.get("lr"), ".1e"),
             _f(p.get("alpha"), ".2f"),
             str(p.get("batch_size", "")),
@@ -118,8 +122,9 @@ def print_search_outcome(outcome: SearchOutcome, as_json: bool) -> None:
     console.print(trials_table(rows, best.number, title=f"study {study.study_name}"))
     p = best.params
     k, n = best.user_attrs.get(FROZEN_BLOCKS_ATTR), best.user_attrs.get(N_BLOCKS_ATTR)
+    probe = f"  probe_fraction {p['probe_fraction']:.2f}" if p.get("probe_fraction") else ""
     console.print(
-        f"best: trial {best.number}  {p['backbone']}  freeze {k}/{n}  lr {p['lr']:.2e}  "
+        f"best: trial {best.number}  {p['backbone']}  freeze {k}/{n}{probe}  lr {p['lr']:.2e}  "
         f"α {p['alpha']:.2f}  batch {p['batch_size']}"
     )
     console.print(

@@ -303,6 +303,12 @@ class Trainer:
     cached trial with as many views as epochs trains on the same inputs as an
     uncached one. The prefix runs on the placement's device under its
     autocast, and the cache keeps its outputs there.
+
+    With ``params.probe_fraction`` > 0 (LP-FT), the first :attr:`probe_epochs`
+    epochs freeze every trunk block (the prefix, and the cache, then cover the
+    whole trunk as far as a split point goes); the next epoch freezes only the
+    trial's ``freeze`` depth. The optimiser and the one-cycle schedule are the
+    trial's from the start: trunk parameters without gradients are skipped.
     """
 
     def __init__(
@@ -329,15 +335,18 @@ class Trainer:
         self.k_frozen = freeze_depth(params.freeze, self.n_blocks)
         """The trial's freeze depth (after the probe epochs, if any)."""
         self.probe_epochs = min(
-            spec.train.epochs, math.floor(params.probe_fraction * spec.train.epochs + 0.5)
+            spec.train.epochs - 1, math.floor(params.probe_fraction * spec.train.epochs + 0.5)
         )
-        """LP-FT: the first epochs, which train the head alone (``probe_fraction``)."""
+        """LP-FT: the first epochs, which train the head alone (``probe_fraction``;
+        the last epoch always trains the trunk)."""
         self.augment = None if is_identity(spec.data.augment) else spec.data.augment
         self.views = 1 if self.augment is None else spec.train.feature_cache_views
         """Training views cached (used when the cache holds this trial's features)."""
         self.features_cached = False
         """Whether the last epoch's training features came from the cache."""
         self._cache_store = cache
+        self._uncacheable = False
+        """Set when the prefix's outputs are not a tensor (a text model's dict)."""
         self._set_depth(self.k_frozen)  # before l2sp anchors the trained parameters
         self.trial_point = self.point
         """The split point at the trial's freeze depth (after the probe epochs)."""
@@ -397,17 +406,8 @@ class Trainer:
         split = backbone.split
         self.point = split.point_at_most(k) if split is not None else 0
         """Blocks run as a prefix (no gradients, eval mode); 0: none."""
-        self.cache = self._cache_store if self.point else None
-        self._key: dict[str, object] = {}
-        if self.cache is not None:
-            self._key = {
-                "backbone": backbone.name,
-                "weights": backbone.weights,
-                "prefix_sha256": prefix_fingerprint(backbone.model, backbone.blocks, self.point),
-                "point": self.point,
-                "preprocessing": json.dumps(backbone.preprocessing.to_dict(), sort_keys=True),
-                "data": self.spec.data.model_dump_json(exclude={"augment"}),
-            }
+        self.cache = self._cache_store if self.point and not self._uncacheable else None
+        self._key: dict[str, object] | None = None  # made when first needed (_cached)
 
     def _depth_for(self, epoch: int) -> int:
         """Blocks frozen in ``epoch`` (1-based): all during the probe epochs."""
@@ -457,6 +457,16 @@ class Trainer:
         cache cannot hold them."""
         if self.cache is None:
             return None
+        if self._key is None:
+            backbone = self.backbone
+            self._key = {
+                "backbone": backbone.name,
+                "weights": backbone.weights,
+                "prefix_sha256": prefix_fingerprint(backbone.model, backbone.blocks, self.point),
+                "point": self.point,
+                "preprocessing": json.dumps(backbone.preprocessing.to_dict(), sort_keys=True),
+                "data": self.spec.data.model_dump_json(exclude={"augment"}),
+            }
         data = getattr(self.splits, split)
         draws = (
             augmentation_plan(len(data), self.seed, view)
@@ -477,7 +487,7 @@ class Trainer:
                                device=self.device)
                 state = self._prefix(x)
                 if not isinstance(state, torch.Tensor):  # a text model's dict: not cached
-                    self.cache = None
+                    self.cache, self._uncacheable = None, True
                     return
                 yield rows, state
                 if self.on_batch is not None:

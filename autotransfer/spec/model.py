@@ -263,7 +263,7 @@ class SearchSpec(_Model):
     probe_fraction: FloatParam = Field(
         0.0,
         description="LP-FT: the share of the epochs that train the new head alone (every "
-        "trunk block frozen) before the freeze depth applies; 0 (default, measured in "
+        "trunk block frozen) before the freeze depth applies, in [0, 1); 0 (default, measured in "
         "docs/search.md): the trunk trains from the first epoch",
     )
 
@@ -316,10 +316,11 @@ class SearchSpec(_Model):
     @classmethod
     def _probe_fraction(cls, v: FloatParam) -> FloatParam:
         lo, hi = (v, v) if isinstance(v, float) else (v.low, v.high)
-        if not 0 <= lo <= hi <= 1:
+        if not 0 <= lo <= hi < 1:
             raise ValueError(
-                f"probe_fraction is a share of the epochs: {lo}..{hi} must lie in [0, 1]; "
-                "0 fine-tunes from the first epoch"
+                f"probe_fraction is a share of the epochs: {lo}..{hi} must lie in [0, 1); "
+                "0 fine-tunes from the first epoch (for a linear probe throughout, use "
+                "freeze: 1.0)"
             )
         return v
 

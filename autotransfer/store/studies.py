@@ -111,8 +111,8 @@ def create_or_resume(spec: StudySpec, storage_url: str, artifacts: Path) -> optu
 
 
 PORTFOLIO: tuple[tuple[str, dict[str, float]], ...] = (
-    ("fine-tune", {"freeze": 0.0, "lr": 1e-3, "alpha": 0.0}),
-    ("linear probe", {"freeze": 1.0, "lr": 1e-2, "alpha": 0.0}),
+    ("fine-tune", {"freeze": 0.0, "lr": 1e-3, "alpha": 0.0, "probe_fraction": 0.0}),
+    ("linear probe", {"freeze": 1.0, "lr": 1e-2, "alpha": 0.0, "probe_fraction": 0.0}),
 )
 """The start portfolio: hand configurations strong across tasks, tried first
 (``sampler.portfolio``). A plain full fine-tune (no block frozen, lr 1e-3, α 0)

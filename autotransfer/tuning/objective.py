@@ -43,6 +43,7 @@ from autotransfer.store.records import (
     N_BLOCKS_ATTR,
     OOM_EVENTS_ATTR,
     PREFIX_BLOCKS_ATTR,
+    PROBE_EPOCHS_ATTR,
     PRUNED_AT_EPOCH_ATTR,
     RESUME_EPOCH_ATTR,
     RESUME_STATE_ATTR,
@@ -169,6 +170,7 @@ class Objective:
         trial.set_user_attr(N_BLOCKS_ATTR, trainer.n_blocks)
         trial.set_user_attr(FROZEN_BLOCKS_ATTR, trainer.k_frozen)
         trial.set_user_attr(PREFIX_BLOCKS_ATTR, trainer.trial_point)
+        trial.set_user_attr(PROBE_EPOCHS_ATTR, trainer.probe_epochs)
         self.progress.trial_started(
             trial.number, params, trainer.k_frozen, trainer.n_blocks, trainer.placement.record,
             trainer.probe_epochs,
