@@ -289,8 +289,9 @@ def build_debian_sections(out: Path, per_class: int, seed: int) -> dict[str, Any
         "index": apt_index_dates(),
         "licence": "each description is its package's own (Debian main: DFSG-free licences)",
         "labels": "the package's Section field (archive area prefix dropped); text = synopsis +"
-                  " first paragraph of the long description, max 600 characters; package names"
-                  " not included",
+                  " first paragraph of the long description where the index carries one"
+                  " (bookworm's main index carries almost none: the texts are synopses), max"
+                  " 600 characters; package names not included",
         "counts": {label: len(texts) for label, texts in picked.items()},
         "available": {label: len(texts) for label, texts in groups.items()},
     }
@@ -341,6 +342,10 @@ BUILDERS: dict[str, Callable[[Path, int, int], dict[str, Any]]] = {
     "fortunes": build_fortunes,
 }
 MODALITY = {"emoji": "image", "stamps": "image", "debian-sections": "text", "fortunes": "text"}
+VERSIONS = {"emoji": 1, "stamps": 1, "debian-sections": 1, "fortunes": 2}
+"""Each set's definition; raise one when its builder changes what it builds, so
+that a set built before is rebuilt, not reused (``dataset.json`` ``version``; a set
+without one is version 1). fortunes 2: cookies up to :data:`FORTUNE_MAX_CHARS`."""
 
 
 def data_path(folder: Path) -> Path:
@@ -351,12 +356,14 @@ def data_path(folder: Path) -> Path:
 def build(name: str, out_root: Path, per_class: int = 100, seed: int = 0,
           force: bool = False) -> Path:
     """Materialise set ``name`` under ``out_root/name`` (kept if already built
-    with the same parameters, unless ``force``). Returns the folder."""
+    with the same parameters and builder version, :data:`VERSIONS`, unless
+    ``force``). Returns the folder."""
     folder = out_root / name
     meta_file = folder / "dataset.json"
     if meta_file.exists() and not force:
         meta = json.loads(meta_file.read_text())
-        if meta.get("per_class") == per_class and meta.get("seed") == seed:
+        same = (meta.get("per_class"), meta.get("seed"), meta.get("version", 1))
+        if same == (per_class, seed, VERSIONS[name]):
             return folder
     if folder.exists():
         shutil.rmtree(folder)
@@ -365,7 +372,7 @@ def build(name: str, out_root: Path, per_class: int = 100, seed: int = 0,
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     meta = BUILDERS[name](tmp, per_class, seed)
-    meta.update(name=name, per_class=per_class, seed=seed,
+    meta.update(name=name, version=VERSIONS[name], per_class=per_class, seed=seed,
                 sampling=f"balanced: at most {per_class} per class, seeded shuffle (seed {seed})",
                 n_examples=sum(meta["counts"].values()), n_classes=len(meta["counts"]))
     (tmp / "dataset.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")

@@ -57,6 +57,26 @@ def test_builders_write_a_labelled_set(name: str, tmp_path: Path) -> None:
         (item.replace(str(folder), str(again)), label) for item, label in items)
 
 
+def test_a_set_built_by_an_older_builder_is_rebuilt(tmp_path: Path, monkeypatch) -> None:
+    calls = []
+
+    def builder(out: Path, per_class: int, seed: int) -> dict:
+        calls.append(per_class)
+        (out / "data.csv").write_text("text,label\nhello there,a\n")
+        return {"modality": "text", "counts": {"a": 1}}
+
+    monkeypatch.setitem(datasets.BUILDERS, "fortunes", builder)
+    folder = datasets.build("fortunes", tmp_path, per_class=3)
+    assert json.loads((folder / "dataset.json").read_text())["version"] == 2
+    datasets.build("fortunes", tmp_path, per_class=3)
+    assert calls == [3]  # kept: same parameters, same builder version
+    meta = json.loads((folder / "dataset.json").read_text())
+    del meta["version"]  # as written before versions existed: version 1
+    (folder / "dataset.json").write_text(json.dumps(meta))
+    datasets.build("fortunes", tmp_path, per_class=3)
+    assert calls == [3, 3]
+
+
 def test_hold_out_is_stratified_fixed_and_disjoint() -> None:
     items = [(f"x{c}{i}", c) for c in "abc" for i in range(20)]
     pool, test = quality.hold_out(items, pool_per_class=None, test_per_class=None)
