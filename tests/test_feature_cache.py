@@ -55,13 +55,14 @@ def test_keys_never_hit_another_entry(plugin_host, tiny_spec, tiny_splits, tmp_p
     assert cache.hits == hits and len(cache) == 6
     # other preprocessing (mean/std) with the same weights
     t = _trainer(plugin_host, spec, tiny_splits, cache=cache)
-    t.backbone.preprocessing = type(t.backbone.preprocessing)(mean=(0.5,) * 3, std=(0.5,) * 3)
-    t._key["preprocessing"] = str(t.backbone.preprocessing.to_dict())
-    keys = {CacheKey(**t._key, split="val", view="eval")}
+    pre = type(t.backbone.preprocessing)(mean=(0.4,) * 3, std=(0.3,) * 3)
+    assert pre != t.backbone.preprocessing
+    t.backbone.preprocessing = pre
+    keys = {CacheKey(**t._cache_key(), split="val", view="eval")}
     assert not keys & _entries(cache)
     # another image size: the data part of the key differs
     big = tiny_spec(**{"train.epochs": 1, "data.image_size": 40})
-    assert big.data.model_dump_json(exclude={"augment"}) != t._key["data"]
+    assert big.data.model_dump_json(exclude={"augment"}) != t._cache_key()["data"]
 
 
 def test_cached_probe_equals_uncached_when_views_match(plugin_host, tiny_spec, tiny_splits):

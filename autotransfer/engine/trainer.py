@@ -407,7 +407,22 @@ class Trainer:
         self.point = split.point_at_most(k) if split is not None else 0
         """Blocks run as a prefix (no gradients, eval mode); 0: none."""
         self.cache = self._cache_store if self.point and not self._uncacheable else None
-        self._key: dict[str, object] | None = None  # made when first needed (_cached)
+        self._key: dict[str, object] | None = None  # made when first needed (_cache_key)
+
+    def _cache_key(self) -> dict[str, object]:
+        """What the cached prefix outputs depend on (:class:`CacheKey` less the
+        split and view), made once per depth: the prefix's blocks never train."""
+        if self._key is None:
+            backbone = self.backbone
+            self._key = {
+                "backbone": backbone.name,
+                "weights": backbone.weights,
+                "prefix_sha256": prefix_fingerprint(backbone.model, backbone.blocks, self.point),
+                "point": self.point,
+                "preprocessing": json.dumps(backbone.preprocessing.to_dict(), sort_keys=True),
+                "data": self.spec.data.model_dump_json(exclude={"augment"}),
+            }
+        return self._key
 
     def _depth_for(self, epoch: int) -> int:
         """Blocks frozen in ``epoch`` (1-based): all during the probe epochs."""
@@ -457,16 +472,6 @@ class Trainer:
         cache cannot hold them."""
         if self.cache is None:
             return None
-        if self._key is None:
-            backbone = self.backbone
-            self._key = {
-                "backbone": backbone.name,
-                "weights": backbone.weights,
-                "prefix_sha256": prefix_fingerprint(backbone.model, backbone.blocks, self.point),
-                "point": self.point,
-                "preprocessing": json.dumps(backbone.preprocessing.to_dict(), sort_keys=True),
-                "data": self.spec.data.model_dump_json(exclude={"augment"}),
-            }
         data = getattr(self.splits, split)
         draws = (
             augmentation_plan(len(data), self.seed, view)
@@ -476,7 +481,7 @@ class Trainer:
         name = "eval"
         if draws is not None and self.augment is not None:
             name = f"train:{self.seed}:{view}:{self.augment.model_dump_json()}"
-        key = CacheKey(**self._key, split=split, view=name)  # type: ignore[arg-type]
+        key = CacheKey(**self._cache_key(), split=split, view=name)  # type: ignore[arg-type]
         size = self.eval_batch_size
 
         def batches() -> Iterator[tuple[slice, torch.Tensor]]:
