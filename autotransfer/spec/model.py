@@ -238,6 +238,11 @@ class DataSpec(_Model):
         return {p: getattr(self, p) for p in GIVEN_PARTS if getattr(self, p) is not None}
 
 
+def bounds(v: FloatParam) -> tuple[float, float]:
+    """(low, high) of a searched range; (v, v) of a fixed value."""
+    return (v, v) if isinstance(v, float) else (v.low, v.high)
+
+
 AUTO_TRUNK_LR_SCALE = {"image": 1.0, "text": 0.1}
 """``search.trunk_lr_scale: auto`` by the data's modality. Pretrained text
 transformers are fine-tuned at about a tenth of the rate that suits a new head
@@ -279,7 +284,7 @@ class SearchSpec(_Model):
     @field_validator("freeze")
     @classmethod
     def _fraction(cls, v: FloatParam) -> FloatParam:
-        lo, hi = (v, v) if isinstance(v, float) else (v.low, v.high)
+        lo, hi = bounds(v)
         if not 0 <= lo <= hi <= 1:
             raise ValueError(f"freeze is a fraction of the blocks: {lo}..{hi} must lie in [0, 1]")
         return v
@@ -297,7 +302,7 @@ class SearchSpec(_Model):
     def _trunk_lr_scale(cls, v: FloatParam | str) -> FloatParam | str:
         if v == "auto":
             return v
-        lo, hi = (v, v) if isinstance(v, float) else (v.low, v.high)
+        lo, hi = bounds(v)
         if not 0 < lo <= hi <= 1:
             raise ValueError(
                 f"trunk_lr_scale is the trunk's share of lr: {lo}..{hi} must lie in (0, 1]; "
@@ -315,7 +320,7 @@ class SearchSpec(_Model):
     @field_validator("probe_fraction")
     @classmethod
     def _probe_fraction(cls, v: FloatParam) -> FloatParam:
-        lo, hi = (v, v) if isinstance(v, float) else (v.low, v.high)
+        lo, hi = bounds(v)
         if not 0 <= lo <= hi < 1:
             raise ValueError(
                 f"probe_fraction is a share of the epochs: {lo}..{hi} must lie in [0, 1); "
@@ -335,7 +340,7 @@ class SearchSpec(_Model):
     @field_validator("alpha")
     @classmethod
     def _alpha(cls, v: FloatParam) -> FloatParam:
-        lo, hi = (v, v) if isinstance(v, float) else (v.low, v.high)
+        lo, hi = bounds(v)
         if not 0 <= lo <= hi < 1:
             raise ValueError(
                 f"alpha must lie in [0, 1), got {lo}..{hi}; alpha=0 is plain fine-tuning"
