@@ -406,8 +406,13 @@ class Trainer:
         split = backbone.split
         self.point = split.point_at_most(k) if split is not None else 0
         """Blocks run as a prefix (no gradients, eval mode); 0: none."""
-        self.cache = self._cache_store if self.point and not self._uncacheable else None
         self._key: dict[str, object] | None = None  # made when first needed (_cache_key)
+
+    @property
+    def cache(self) -> FeatureCache | None:
+        """The worker's cache while the prefix's outputs can go in it: a prefix
+        to cache (:attr:`point` > 0) whose outputs are tensors."""
+        return self._cache_store if self.point and not self._uncacheable else None
 
     def _cache_key(self) -> dict[str, object]:
         """What the cached prefix outputs depend on (:class:`CacheKey` less the
@@ -492,7 +497,7 @@ class Trainer:
                                device=self.device)
                 state = self._prefix(x)
                 if not isinstance(state, torch.Tensor):  # a text model's dict: not cached
-                    self.cache, self._uncacheable = None, True
+                    self._uncacheable = True
                     return
                 yield rows, state
                 if self.on_batch is not None:
