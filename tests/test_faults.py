@@ -111,7 +111,7 @@ def test_micro_batches_give_the_whole_batch_gradient(plugin_host, tiny_spec, tin
 
     def grads(micro: int) -> tuple[float, list[torch.Tensor]]:
         trainer.micro_batch_size = micro
-        loss = trainer._step(x, y, 0)
+        loss = trainer._step([(x, y)], 0)
         return loss, [p.grad.clone() for p in backbone.model.parameters() if p.grad is not None]
 
     whole_loss, whole = grads(8)

@@ -215,7 +215,7 @@ def test_micro_batches_give_the_whole_batch_gradient_for_text(
 
     def grads(micro: int):
         trainer.micro_batch_size = micro
-        loss = trainer._step(x, y, 0)
+        loss = trainer._step([(x, y)], 0)
         return loss, [p.grad.clone() for p in backbone.model.parameters() if p.grad is not None]
 
     whole_loss, whole = grads(8)

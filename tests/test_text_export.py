@@ -178,8 +178,11 @@ def test_runs_without_autotransfer_or_transformers(text_export: TextExport) -> N
     assert shape == "(2, 3)" and float(diff) <= 1e-4
 
 
-def test_predict_api_and_cli_agree_with_the_model(text_export: TextExport,
-                                                  tmp_path: Path) -> None:
+def test_predict_api_and_cli_agree_with_the_model(
+    text_export: TextExport, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from autotransfer.export import predict as predict_module
+
     backbone = _model(text_export)
     pre = backbone.preprocessing
     with torch.no_grad():
@@ -194,6 +197,12 @@ def test_predict_api_and_cli_agree_with_the_model(text_export: TextExport,
         np.testing.assert_allclose([p.probability for p in got], probs.max(1).values,
                                    atol=1e-4)
         assert all(len(p.top_k) == 2 for p in got)
+    # batches of 2, shortest texts first: the predictions still come in input order
+    monkeypatch.setattr(predict_module, "BATCH_SIZE", 2)
+    got = autotransfer.load(text_export.export).predict(HELD_OUT)
+    assert [p.input for p in got] == HELD_OUT and [p.label for p in got] == expected
+    np.testing.assert_allclose([p.probability for p in got], probs.max(1).values, atol=1e-4)
+    monkeypatch.undo()
     txt = tmp_path / "texts.txt"
     txt.write_text("\n".join(HELD_OUT[:3]) + "\n\n")
     csv = write_csv(tmp_path / "more.csv", [(t, "?") for t in HELD_OUT[3:]])

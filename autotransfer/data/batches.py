@@ -5,12 +5,20 @@ training). A text batch is a dict ``{"input_ids", "attention_mask"}`` of int64
 tensors (N, L), padded to the longest text of the batch (not to the max length),
 from token ids computed once per tokenizer (:meth:`autotransfer.data.datasets.TextSet.encoded`).
 Callers use :func:`forward` and :func:`take` and never look inside a batch.
+
+Padding costs: a batch of texts costs its size times its longest text, so one
+long text makes every row of its batch pay for it. :func:`length_groups` splits
+a batch's rows into groups of similar length (sorted, cut where the padding
+saved pays for another forward pass); training accumulates the groups' gradients
+into one optimiser step and evaluation scores each group, so the results are
+those of the whole batch, at a fraction of the cost on texts of mixed lengths.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -67,6 +75,70 @@ def pad(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
         ids[i, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
         mask[i, : len(seq)] = 1
     return {"input_ids": ids, "attention_mask": mask}
+
+
+CPU_GROUP_OVERHEAD_TOKENS = 128
+"""What one more forward and backward pass costs on the CPU, in padded tokens per
+thread (torch's intra-op threads): a pass's fixed cost stays while its per-token
+cost falls with more threads. Measured with all-MiniLM-L6-v2 on 2 cores
+(bench/text_groups.py, results/text_groups.*): the best cost was 128-256 at one
+thread and about 256-512 at two."""
+ACCELERATOR_GROUP_OVERHEAD_TOKENS = 2048
+"""The same on an accelerator, which runs a pass's tokens in parallel and pays
+mostly per kernel launch: only long stragglers get their own group there (not
+yet measured on a GPU)."""
+
+
+def group_overhead(device: torch.device | str | None) -> int:
+    """The padded-token cost of one more group on ``device`` (default: the CPU)."""
+    if device is None or torch.device(device).type == "cpu":
+        return CPU_GROUP_OVERHEAD_TOKENS * torch.get_num_threads()
+    return ACCELERATOR_GROUP_OVERHEAD_TOKENS
+
+
+def cheapest_cuts(lengths: list[int], overhead: int) -> list[int]:
+    """Where to cut ascending ``lengths`` into groups so that the padded tokens
+    (each group's size times its longest) plus ``overhead`` per group are least:
+    the end index of every group. Dynamic programming over the prefixes,
+    O(n²) in numpy."""
+    n = len(lengths)
+    if n == 0:
+        return []
+    longest = np.asarray(lengths, dtype=np.int64)
+    best = np.zeros(n + 1, dtype=np.int64)
+    back = np.zeros(n + 1, dtype=np.int64)
+    starts = np.arange(n + 1, dtype=np.int64)
+    for j in range(1, n + 1):
+        # a last group of rows start..j-1 costs (j - start) * lengths[j-1] + overhead
+        costs = best[:j] + (j - starts[:j]) * longest[j - 1] + overhead
+        back[j] = int(np.argmin(costs))
+        best[j] = costs[back[j]]
+    cuts = []
+    j = n
+    while j > 0:
+        cuts.append(j)
+        j = int(back[j])
+    return cuts[::-1]
+
+
+def length_groups(
+    data: Dataset, idx: torch.Tensor | slice, backbone: Backbone, overhead: int
+) -> list[torch.Tensor | slice]:
+    """Rows ``idx`` of ``data`` as groups of similar token length (see the module
+    docstring), shortest first; ``[idx]`` for images, or when one group is
+    cheapest. Every row is in exactly one group."""
+    pre = backbone.preprocessing
+    if not isinstance(data, TextSet) or not isinstance(pre, TextPreprocessing):
+        return [idx]
+    rows = torch.arange(len(data))[idx] if isinstance(idx, slice) else idx
+    ids = data.encoded(pre)
+    lengths = torch.tensor([len(ids[i]) for i in rows.tolist()], dtype=torch.long)
+    order = torch.argsort(lengths, stable=True)
+    cuts = cheapest_cuts(lengths[order].tolist(), overhead)
+    if len(cuts) <= 1:
+        return [idx]
+    order = order.to(rows.device)
+    return [rows[order[a:b]] for a, b in zip([0, *cuts[:-1]], cuts, strict=True)]
 
 
 def forward(model: nn.Module, x: Batch) -> torch.Tensor:

@@ -26,7 +26,14 @@ import torch.nn.functional as F
 from autotransfer.backbones import Backbone
 from autotransfer.backbones.freeze import freeze, freeze_depth, train_mode
 from autotransfer.data.augment import augmentation_plan, is_identity
-from autotransfer.data.batches import Batch, forward, make_batch, take
+from autotransfer.data.batches import (
+    Batch,
+    forward,
+    group_overhead,
+    length_groups,
+    make_batch,
+    take,
+)
 from autotransfer.data.datasets import Dataset, ImageSet, Splits
 from autotransfer.data.placement import to_device
 from autotransfer.engine.device import CPU, Placement
@@ -237,23 +244,27 @@ def evaluate(
     n_classes = len(data.classes)
     confusion = torch.zeros((n_classes, n_classes), dtype=torch.long, device=device)
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    overhead = group_overhead(device)
     for i in range(0, len(data), batch_size):
-        y = to_device(data.labels[i : i + batch_size], device)
-        with placement.autocast():
-            if states is not None:
-                assert backbone.split is not None
-                h = backbone.split.suffix(
-                    model, _layout(placement, to_device(states[i : i + batch_size], device)),
-                    point,
-                )
-                logits = backbone.classify(model, h).float()
-            else:
-                x = make_batch(data, slice(i, i + batch_size), backbone, device=device)
-                logits = forward(model, _layout(placement, x)).float()
-        total_loss += F.cross_entropy(logits, y, reduction="sum")
-        pred = logits.argmax(1)
-        # index_add_, not bincount: bincount on a GPU reads its maximum on the host.
-        confusion.view(-1).index_add_(0, y * n_classes + pred, torch.ones_like(y))
+        batch = slice(i, i + batch_size)
+        # the metrics do not depend on the order of rows: texts go by length groups
+        for rows in [batch] if states is not None else length_groups(data, batch, backbone,
+                                                                      overhead):
+            y = to_device(data.labels[rows], device)
+            with placement.autocast():
+                if states is not None:
+                    assert backbone.split is not None
+                    h = backbone.split.suffix(
+                        model, _layout(placement, to_device(states[rows], device)), point
+                    )
+                    logits = backbone.classify(model, h).float()
+                else:
+                    x = make_batch(data, rows, backbone, device=device)
+                    logits = forward(model, _layout(placement, x)).float()
+            total_loss += F.cross_entropy(logits, y, reduction="sum")
+            pred = logits.argmax(1)
+            # index_add_, not bincount: bincount on a GPU reads its maximum on the host.
+            confusion.view(-1).index_add_(0, y * n_classes + pred, torch.ones_like(y))
         if on_batch is not None:
             on_batch()
     model.train(was_training)
@@ -384,6 +395,8 @@ class Trainer:
         self.micro_batch_size = params.batch_size
         self.min_batch_size = min(spec.train.min_batch_size, params.batch_size)
         self.oom_events = 0
+        # What another text length group costs, in padded tokens (length_groups).
+        self.group_overhead = group_overhead(self.device)
         self.reference_loss: float | None = None
         self.eval_batch_size = spec.train.eval_batch_size
         self.best: EpochResult | None = None
@@ -533,19 +546,23 @@ class Trainer:
         losses = StepLosses(self.device, self._check_losses)
         for step, i in enumerate(range(0, len(order), self.params.batch_size)):
             idx = order[i : i + self.params.batch_size]
+            parts: list[tuple[Batch, torch.Tensor]] = []
             if states is not None:
                 x: Batch = _layout(self.placement, to_device(states[idx], self.device))
+                parts.append((x, to_device(labels[idx], self.device)))
             else:
-                x = make_batch(data, idx, self.backbone, self.augment,
-                               draws=draws[idx] if draws is not None else None,
-                               device=self.device)
-                x = _layout(self.placement, x)
-                if self.point:
-                    x = self._prefix(x)
-            y = to_device(labels[idx], self.device)
+                # texts: rows of similar length together (less padding), one step
+                for rows in length_groups(data, idx, self.backbone, self.group_overhead):
+                    x = make_batch(data, rows, self.backbone, self.augment,
+                                   draws=draws[rows] if draws is not None else None,
+                                   device=self.device)
+                    x = _layout(self.placement, x)
+                    if self.point:
+                        x = self._prefix(x)
+                    parts.append((x, to_device(labels[rows], self.device)))
             while True:
                 try:
-                    loss_sum = self._step(x, y, step)
+                    loss_sum = self._step(parts, step)
                     break
                 except TrialError:
                     raise
@@ -580,22 +597,24 @@ class Trainer:
                 )
             self._check_divergence(loss, step)
 
-    def _step(self, x: Batch, y: torch.Tensor, step: int) -> torch.Tensor:
-        """Forward and backward of one optimiser batch (``x``: the model's inputs,
-        or with :attr:`point` > 0 the prefix's outputs), in micro-batches of at most
-        ``micro_batch_size`` with the gradients accumulated: each micro-batch's mean
-        loss is weighted by its share of the batch, so the gradient (and the
-        sampled ``batch_size``, the learning-rate schedule and the steps per epoch)
-        is that of the whole batch. Returns the batch's summed loss (a tensor on
-        the device; :meth:`_check_losses` looks at it). Forward and loss run
-        under the placement's autocast; fp16 scales the loss (gradient scaler)."""
+    def _step(self, parts: list[tuple[Batch, torch.Tensor]], step: int) -> torch.Tensor:
+        """Forward and backward of one optimiser batch, given as ``parts`` (inputs
+        and labels: one part, or a text batch's :func:`length_groups`; inputs are
+        the model's, or with :attr:`point` > 0 the prefix's outputs), each in
+        micro-batches of at most ``micro_batch_size`` with the gradients
+        accumulated: each micro-batch's mean loss is weighted by its share of the
+        batch, so the gradient (and the sampled ``batch_size``, the learning-rate
+        schedule and the steps per epoch) is that of the whole batch. Returns the
+        batch's summed loss (a tensor on the device; :meth:`_check_losses` looks
+        at it). Forward and loss run under the placement's autocast; fp16 scales
+        the loss (gradient scaler)."""
         model, alpha = self.backbone.model, self.params.alpha
         self.optimizer.zero_grad(set_to_none=True)
-        n = len(y)
+        n = sum(len(y) for _, y in parts)
         total = torch.zeros((), dtype=torch.float32, device=self.device)
-        for j in range(0, n, self.micro_batch_size):
-            xb = take(x, slice(j, j + self.micro_batch_size))
-            yb = y[j : j + self.micro_batch_size]
+        micro = [(take(x, slice(j, j + self.micro_batch_size)), y[j : j + self.micro_batch_size])
+                 for x, y in parts for j in range(0, len(y), self.micro_batch_size)]
+        for xb, yb in micro:
             with self.placement.autocast():
                 if self.point:
                     assert self.backbone.split is not None

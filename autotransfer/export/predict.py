@@ -217,21 +217,24 @@ class ExportedModel:
         else:
             items = expand_inputs(inputs)
             refuse_text_files(items)
-        out: list[Prediction] = []
+        # Texts go through in order of length, so that a batch pads its texts to
+        # about their own length, not to the longest of the input's.
+        order = list(range(len(items)))
+        if self.modality == "text":
+            order.sort(key=lambda i: len(items[i][0]))
+        out: list[Prediction | None] = [None] * len(items)
         for start in range(0, len(items), BATCH_SIZE):
-            chunk = items[start : start + BATCH_SIZE]
+            chunk = order[start : start + BATCH_SIZE]
             if self.modality == "text":
-                logits = self.text_logits([t for t, _ in chunk])
+                logits = self.text_logits([items[i][0] for i in chunk])
             else:
-                batch = np.stack([decode(item, self.image_size) for _, item in chunk])
+                batch = np.stack([decode(items[i][1], self.image_size) for i in chunk])
                 logits = self.logits(batch.transpose(0, 3, 1, 2))
-            for (name, _), p in zip(chunk, _softmax(logits), strict=True):
-                order = np.argsort(-p, kind="stable")[:k]
-                top = [
-                    {"label": self.labels[i], "probability": float(p[i])} for i in order
-                ]
-                out.append(Prediction(name, top[0]["label"], top[0]["probability"], top))
-        return out
+            for i, p in zip(chunk, _softmax(logits), strict=True):
+                best = np.argsort(-p, kind="stable")[:k]
+                top = [{"label": self.labels[c], "probability": float(p[c])} for c in best]
+                out[i] = Prediction(items[i][0], top[0]["label"], top[0]["probability"], top)
+        return out  # type: ignore[return-value]  (every position is filled)
 
     def _texts(self, inputs: Any) -> list[str]:
         if isinstance(inputs, str):

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from autotransfer.backbones import Backbone
-from autotransfer.data.batches import forward, make_batch
+from autotransfer.data.batches import forward, group_overhead, length_groups, make_batch
 from autotransfer.data.datasets import Dataset, Splits
 from autotransfer.plugins.host import PluginHost
 from autotransfer.spec.model import StudySpec
@@ -77,12 +77,14 @@ class Ensemble:
 def probabilities(backbone: Backbone, data: Dataset, batch_size: int = 256) -> torch.Tensor:
     """Softmax of ``backbone`` on every row of ``data`` (eval mode, CPU)."""
     model = backbone.model.eval()
-    out = []
+    out = torch.empty((len(data), len(data.classes)))
+    overhead = group_overhead("cpu")
     with torch.no_grad():
         for i in range(0, len(data), batch_size):
-            x = make_batch(data, slice(i, i + batch_size), backbone)
-            out.append(torch.softmax(forward(model, x).float(), dim=1))
-    return torch.cat(out)
+            for rows in length_groups(data, slice(i, i + batch_size), backbone, overhead):
+                x = make_batch(data, rows, backbone)
+                out[rows] = torch.softmax(forward(model, x).float(), dim=1)
+    return out
 
 
 def log_loss(p: torch.Tensor, labels: torch.Tensor) -> float:
