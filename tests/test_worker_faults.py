@@ -19,10 +19,12 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
 import torch
+from rich.console import Console
 from typer.testing import CliRunner
 
 from autotransfer.cli import app
@@ -37,6 +39,7 @@ WORKER = Path(__file__).with_name("_fault_worker.py")
 PARAMS = {"backbone": "timm:test_resnet@none", "freeze": 0.2, "lr": 5e-3,
           "weight_decay": 1e-4, "batch_size": 8, "alpha": 0.25}
 FAST_HEARTBEAT = {"recovery.heartbeat_interval": 1, "recovery.grace_period": 2}
+EVERY_EPOCH = {"recovery.state_interval": 0}  # tiny trials: write the state after every epoch
 
 
 def _trials(storage_url: str, name: str, storage=None) -> list[optuna.trial.FrozenTrial]:
@@ -161,7 +164,8 @@ def test_killed_worker_trial_fails_and_is_retried_once_from_its_last_epoch(
     ``process``: a worker of this machine whose process is gone is failed at
     once, without waiting for the (default, 120 s) grace period."""
     settings = FAST_HEARTBEAT if detected_by == "heartbeat" else {}
-    spec = write_spec(**{"name": "killed", "train.epochs": 4, "n_trials": 1, **settings})
+    spec = write_spec(**{"name": "killed", "train.epochs": 4, "n_trials": 1, **settings,
+                         **EVERY_EPOCH})
     _search(spec, storage_url)  # trial 0 completes
     done = _trials(storage_url, "killed")[0]
     proc = _start_worker(spec, storage_url, tmp_path)
@@ -200,7 +204,7 @@ def test_killed_worker_trial_fails_and_is_retried_once_from_its_last_epoch(
 def test_signal_marks_the_trial_exits_promptly_and_it_resumes_on_the_next_run(
     sig: signal.Signals, write_spec, storage_url: str, tmp_path: Path
 ) -> None:
-    spec = write_spec(**{"name": "stopped", "train.epochs": 4, "n_trials": 1})
+    spec = write_spec(**{"name": "stopped", "train.epochs": 4, "n_trials": 1, **EVERY_EPOCH})
     proc = _start_worker(spec, storage_url, tmp_path)
     _wait_for(storage_url, "stopped", proc, _saved_an_epoch(0))
     start = time.monotonic()
@@ -431,3 +435,38 @@ def test_full_disk_fails_only_the_trial_that_cannot_write_its_checkpoint(
     assert trial.user_attrs["fail_reason"] == "checkpoint_error"
     assert "No space left" in trial.user_attrs["fail_message"]
     assert os.listdir(tmp_path / "a") == []  # nothing half-written
+
+
+@pytest.mark.parametrize(("interval", "epoch_seconds", "written_after"), [
+    (0, 0.0, [1, 2, 3]),  # after every epoch but the last
+    (60, 0.0, []),  # the default: a quick trial writes none
+    (10, 4.0, [3]),  # 12 s after the start, then only 8 s more by epoch 4 (the last)
+])
+def test_epoch_states_are_written_at_most_every_state_interval(
+    interval: float, epoch_seconds: float, written_after: list[int], tiny_spec, storage_url: str,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from autotransfer.tuning import objective as objective_module
+    from autotransfer.tuning.search import run_search
+
+    clock = [0.0]  # the objective's clock only: the trial's epochs take epoch_seconds each
+    monkeypatch.setattr(objective_module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    written: list[int] = []
+
+    def save(trial, state, store):
+        written.append(int(state["epoch"]))
+        return save_epoch_state(trial, state, store)
+
+    monkeypatch.setattr(objective_module, "save_epoch_state", save)
+    epochs = Trainer.epochs
+
+    def timed_epochs(self):
+        for result in epochs(self):
+            clock[0] += epoch_seconds
+            yield result
+
+    monkeypatch.setattr(Trainer, "epochs", timed_epochs)
+    spec = tiny_spec(**{"train.epochs": 4, "n_trials": 1, "recovery.state_interval": interval})
+    quiet = Progress(console=Console(file=io.StringIO()))
+    run_search(spec, storage_url, tmp_path / "artifacts", quiet)
+    assert written == written_after

@@ -430,6 +430,12 @@ class RecoverySpec(_Model):
     max_retry: int = Field(
         1, ge=0, description="times a trial of a lost worker is retried (same parameters)"
     )
+    state_interval: float = Field(
+        60.0, ge=0,
+        description="seconds between writes of a running trial's resumable state: it is "
+        "written after an epoch once this long has passed since the trial started or last "
+        "wrote it (0: after every epoch); a retry resumes from the last one written",
+    )
 
     @model_validator(mode="after")
     def _grace(self) -> RecoverySpec:

@@ -27,6 +27,7 @@ from autotransfer.store.storage import open_storage, redact, require_existing
 RESUMABLE_FIELDS = {
     "n_trials", "timeout", "train.threads", "train.eval_batch_size", "train.stall_timeout",
     "recovery.heartbeat_interval", "recovery.grace_period", "recovery.max_retry",
+    "recovery.state_interval",
     "sampler.try_each_backbone", "sampler.portfolio",  # read only when the study is created
     # Where and how fast trials run, not what they compute:
     "train.device", "train.precision", "train.channels_last", "train.compile",

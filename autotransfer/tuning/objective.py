@@ -241,13 +241,18 @@ class Objective:
         )
 
     def _train(self, trial: optuna.Trial, trainer: Trainer, start: float) -> None:
+        written = time.perf_counter()  # the epoch state: when the trial last wrote it
         for result in trainer.epochs():
             trial.report(result.val.accuracy, result.epoch)
             trial.set_user_attr(EPOCHS_RUN_ATTR, result.epoch)
             _record_batch(trial, trainer)
             self.progress.epoch(trial.number, result)
-            if result.epoch < self.spec.train.epochs:
+            # Not after the last epoch (the trial ends), nor more often than
+            # recovery.state_interval: a state is about four times the weights.
+            due = time.perf_counter() - written >= self.spec.recovery.state_interval
+            if result.epoch < self.spec.train.epochs and due:
                 self._save_state(trial, trainer)
+                written = time.perf_counter()
             # Pruning after the last epoch saves nothing; let the trial complete.
             if result.epoch < self.spec.train.epochs and trial.should_prune():
                 trial.set_user_attr(PRUNED_AT_EPOCH_ATTR, result.epoch)
