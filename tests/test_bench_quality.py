@@ -196,3 +196,18 @@ def test_the_recorded_command_names_no_folder_of_the_machine(tmp_path: Path) -> 
     assert quality.portable("--per-class") == "--per-class"
     assert quality.portable(str(tmp_path / "work")) == "DIR"
     assert quality.portable(str(quality.ROOT / "bench" / "data")) == "bench/data"
+
+
+def test_logme_ranks_informative_features_above_noise() -> None:
+    import torch
+
+    logme = _load("transferability").logme
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (200,), generator=g)
+    signal = 3 * torch.nn.functional.one_hot(labels, 4).float() + torch.randn(200, 4, generator=g)
+    noise = torch.randn(200, 16, generator=g)
+    scores = [logme(f, labels) for f in (signal, torch.cat([signal, noise[:, :12]], 1), noise)]
+    assert scores[0] > scores[1] > scores[2]  # signal, signal + noise, noise
+    # more dimensions than examples (1280 pooled features, 144 training images)
+    wide = torch.cat([signal[:50], torch.randn(50, 300, generator=g)], 1)
+    assert logme(torch.randn(50, 304, generator=g), labels[:50]) < logme(wide, labels[:50])
