@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -166,18 +164,9 @@ def main(argv: list[str] | None = None) -> int:
                                                     **strategy.scales(strategy.CONFIGS[cname])))
                     print(json.dumps(row), flush=True)
                     rows.append(row)
-                    save(rows, args)
+                    strategy.save(rows, args)
     summarise(rows)
     return 0
-
-
-def save(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps({
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
-        "torch": torch.__version__, "per_class": args.per_class, "epochs": args.epochs,
-        "split": "60/20/20 of a class-balanced subsample", "rows": rows,
-    }, indent=1) + "\n")
 
 
 def summarise(rows: list[dict[str, Any]]) -> None:
